@@ -1,0 +1,1 @@
+"""Native model families (LLaDA, Dream) and the checkpoint loader."""
