@@ -185,6 +185,11 @@ class LLaDAModel(nn.Module):
         """hidden [..., D] -> logits [..., vocab_size] (final norm + output head)."""
         return self.output(self.norm(hidden))
 
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of every position [B, T, V] (no shift in LLaDA); for tests and
+        reference decoding, the engine uses `head` on the rows it needs."""
+        return self.head(hidden)
+
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
     """fp32 cos/sin [B, 1, T, head_dim] for each row's own positions."""
