@@ -1,0 +1,245 @@
+"""EngineCore: continuous batching of the denoising loop. No IO.
+
+The engine process (rings) and the offline `LLM` drive it the same way:
+`add_request` / `abort` between calls to `step`, which runs ONE denoising
+step over the running batch and returns what became final.
+
+One step:
+  1. drop requests whose deadline passed, compact the rows, admit waiting
+     requests (FIFO within the budgets) and write their canvases;
+  2. one model forward over the running rows (kv_cache none: whole canvases;
+     dual/prefix: whole canvases at a block's first step, else only the part
+     that changes, attending to the cache);
+  3. the output head on the candidates' hidden rows only, one sampling and
+     one commit kernel call, then one read of the candidates' cells;
+  4. per request: advance its block, emit the newly final prefix, stop at
+     EOS / end of turn / a stop id, or at max_tokens.
+
+A failure inside the step (out of memory, a kernel error) fails the requests
+of that step with finish_reason "error"; the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+
+import torch
+
+from dfastllm.engine.batch import build_step
+from dfastllm.engine.kv_cache import BatchBuffers
+from dfastllm.engine.request import Request, RequestOutput
+from dfastllm.engine.sampler import sample_and_commit
+from dfastllm.engine.scheduler import Scheduler
+from dfastllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+KV_CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters the engine process publishes (monotonic, except last_*)."""
+    steps: int = 0  # denoising steps run over the batch
+    tokens_committed: int = 0  # canvas tokens committed, all requests
+    rows_stepped: int = 0  # sum over steps of the batch size
+    requests_finished: int = 0
+    requests_failed: int = 0
+    last_step_rows: int = 0
+    last_step_tokens_committed: int = 0
+    last_step_seconds: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Average tokens committed per request per step."""
+        return self.tokens_committed / self.rows_stepped if self.rows_stepped else 0.0
+
+
+class EngineCore:
+    def __init__(self, loaded, *, kv_cache: str = "none", max_batch_size: int = 32,
+                 max_num_tokens: int = 16384, max_model_len: int | None = None,
+                 device: str | torch.device | None = None, seed: int | None = None):
+        """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
+        `seed` makes the seeds drawn for requests without one reproducible."""
+        if kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+        if max_batch_size < 1 or max_num_tokens < 1:
+            raise ValueError("max_batch_size and max_num_tokens must be >= 1")
+        self.loaded = loaded
+        self.model = loaded.model
+        config = self.model.config
+        weight = next(self.model.parameters())
+        self.device = weight.device
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(f"the model is on {self.device}, not on the engine's device {device}")
+        model_len = config.max_seq_len
+        if max_model_len is not None and max_model_len > model_len:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's {model_len}")
+        self.max_model_len = max_model_len or model_len
+        self.kv_cache = kv_cache
+        self.vocab_size = config.vocab_size
+        self.mask_id = loaded.mask_token_id
+        self.logits_shift = int(self.model.logits_shift)
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens)
+        self.buffers = BatchBuffers(
+            n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+            dtype=weight.dtype, device=self.device, with_cache=kv_cache != "none",
+            max_rows=max_batch_size, max_columns=self.max_model_len, fill_id=loaded.pad_token_id)
+        self.stats = EngineStats()
+        self._seeds = random.Random(seed)
+        self._eos_ids = frozenset(i for i in (loaded.eos_token_id, loaded.eot_token_id) if i is not None)
+
+    # ---- the public surface --------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.live)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    deadline: float | None = None) -> None:
+        """Queue a request. deadline: time.monotonic() after which it is dropped
+        (finish_reason "abort"). ValueError names what is wrong with the input."""
+        if request_id in self.scheduler.live:
+            raise ValueError(f"request id {request_id!r} is already running or waiting")
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        params.validate()
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds max_model_len {self.max_model_len}")
+        if total > self.scheduler.max_num_tokens:
+            raise ValueError(f"prompt + max_tokens = {total} exceeds max_num_tokens "
+                             f"{self.scheduler.max_num_tokens}, so it could never run")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos_ids)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        self.scheduler.add(Request(request_id, prompt_ids, params, seed=seed, mask_id=self.mask_id,
+                                   stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic()))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request at once (its row is free for the
+        next step); no output follows. False if the id is not live."""
+        request = self.scheduler.live.get(request_id)
+        if request is None:
+            return False
+        self.scheduler.remove(request)
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        """One denoising step over the running batch; -> outputs of the requests
+        that got new tokens or finished (deadline expiries included)."""
+        started = time.perf_counter()
+        outputs = self._expire(time.monotonic())
+        outputs += self._schedule()
+        running = list(self.scheduler.running)
+        if not running:
+            return outputs
+        now = time.monotonic()
+        for r in running:
+            if r.first_step_at is None:
+                r.first_step_at = now
+        try:
+            with torch.inference_mode():
+                batch = build_step(running, self.buffers.canvas, cache_mode=self.kv_cache,
+                                   logits_shift=self.logits_shift)
+                kv = (self.buffers.cache_view(batch.rows, batch.cache_columns)
+                      if self.kv_cache != "none" else None)
+                hidden = self.model(batch.input_ids, batch.position_ids, batch.attn_mask, kv,
+                                    batch.cache_positions)
+                cells = sample_and_commit(self.model.head, hidden, batch, self.buffers.canvas[:batch.rows],
+                                          self.mask_id)
+                cells = cells.cpu().numpy()  # the step's one synchronisation
+        except Exception as e:  # noqa: BLE001 - any failure here is the step's, not the engine's
+            return outputs + self._fail(running, e)
+
+        committed_total = 0
+        offsets = batch.host_offsets
+        for i, r in enumerate(running):
+            lo, hi = offsets[i], offsets[i + 1]
+            new_tokens, committed = r.apply_step(batch.host_positions[lo:hi], cells[lo:hi])
+            committed_total += committed
+            if r.finish_reason is not None:
+                self.scheduler.remove(r)
+                self.stats.requests_finished += 1
+            if new_tokens or r.finish_reason is not None:
+                outputs.append(r.output(new_tokens))
+        s = self.stats
+        s.steps += 1
+        s.rows_stepped += len(running)
+        s.tokens_committed += committed_total
+        s.last_step_rows = len(running)
+        s.last_step_tokens_committed = committed_total
+        s.last_step_seconds = time.perf_counter() - started
+        return outputs
+
+    def warmup(self, *, prompt_len: int = 16, block_length: int = 32, batch_sizes=(1, 4)) -> None:
+        """Run short generations of the common shapes (one block, full and
+        cached steps, top-k and threshold) so the first real request does not
+        pay for lazy initialisation (allocator, kernels, autotuning)."""
+        max_tokens = min(block_length, self.max_model_len - prompt_len)
+        prompt = [(7 * i + 3) % self.vocab_size for i in range(prompt_len)]
+        prompt = [t if t != self.mask_id else (t + 1) % self.vocab_size for t in prompt]
+        stats = self.stats
+        for n in batch_sizes:
+            n = min(n, self.scheduler.max_batch_size)
+            for i in range(n):
+                params = SamplingParams(max_tokens=max_tokens, steps=min(4, max_tokens), ignore_eos=True,
+                                        threshold=0.9 if i % 2 else None, temperature=0.0 if i % 2 else 0.7)
+                self.add_request(f"__warmup-{n}-{i}", prompt, params)
+            while self.has_unfinished():
+                self.step()
+        self.stats = stats
+
+    # ---- internals ----------------------------------------------------------
+    def _expire(self, now: float) -> list[RequestOutput]:
+        outputs = []
+        for r in self.scheduler.expired(now):
+            self.scheduler.remove(r)
+            outputs.append(r.output([], "abort", error="deadline exceeded"))
+        return outputs
+
+    def _schedule(self) -> list[RequestOutput]:
+        """Compact the rows, admit waiting requests and write their canvases;
+        -> error outputs for admitted requests whose buffers could not be made."""
+        moved = self.scheduler.compact()
+        if moved:
+            self.buffers.move_rows([old for _, old in moved], [r.slot for r, _ in moved],
+                                   [not r.needs_full_forward for r, _ in moved])
+        live_rows = self.num_running
+        admitted = self.scheduler.admit()
+        if not admitted:
+            return []
+        longest = max(r.canvas_len for r in self.scheduler.running)
+        try:
+            self.buffers.ensure(self.num_running, longest, live_rows)
+            for r in admitted:
+                canvas = r.prompt_ids + [self.mask_id] * r.gen_len
+                self.buffers.load_row(r.slot, torch.tensor(canvas, dtype=torch.long).to(self.device))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory growing the buffers
+            return self._fail(admitted, e)
+        return []
+
+    def _fail(self, requests: list[Request], error: Exception) -> list[RequestOutput]:
+        message = f"{type(error).__name__}: {error}"
+        logger.error("denoising step failed for %d request(s): %s", len(requests), message)
+        if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        outputs = []
+        for r in requests:
+            self.scheduler.remove(r)
+            outputs.append(r.output([], "error", error=message))
+        self.stats.requests_failed += len(requests)
+        return outputs

@@ -1,0 +1,128 @@
+"""One request's decoding state on the host, and what a step reports for it.
+
+The device holds the truth of the canvas (`commit_tokens` writes into it);
+the host keeps a mirror of the generated part, refreshed from the one read
+per step, so that the schedule, the candidate positions and the emitted
+prefix are all decided without touching the device again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from dfastllm.engine.sampler import num_transfer_tokens, split_steps
+from dfastllm.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    # Tokens that became final since the last output: the contiguous
+    # committed prefix of the generation, stop token excluded.
+    new_token_ids: list[int]
+    finish_reason: str | None  # None | "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    num_steps: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Request:
+    """A request from admission to its final output.
+
+    Positions: the canvas is prompt (P tokens) + max_tokens masks; generation
+    index g is canvas position P + g. Blocks cover the generation in order."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, seed: int,
+                 mask_id: int, stop_ids: frozenset[int], deadline: float | None, arrival: float):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seed = seed
+        self.mask_id = mask_id
+        self.stop_ids = stop_ids
+        self.deadline = deadline
+        self.arrival = arrival
+        self.first_step_at: float | None = None  # when the request first ran (queue time)
+
+        self.prompt_len = len(prompt_ids)
+        self.gen_len = params.max_tokens
+        self.canvas_len = self.prompt_len + self.gen_len
+        size = params.effective_block_length
+        self.block_starts = list(range(0, self.gen_len, size))  # generation indices
+        self.block_sizes = [min(size, self.gen_len - s) for s in self.block_starts]
+        self.block_steps = split_steps(params.effective_steps, self.block_sizes)
+        self.threshold = params.threshold or 0.0
+
+        self.generated = np.full(self.gen_len, mask_id, dtype=np.int64)  # host mirror
+        self.block = 0
+        self.block_step = 0  # steps taken in the current block
+        self.num_steps = 0
+        self.emitted = 0  # generation tokens already reported
+        self.slot = -1  # row in the batch's device buffers while running
+        # Cached modes: the next step of this request recomputes the whole canvas
+        # (first step of a block, or after a move that did not carry its cache).
+        self.needs_full_forward = True
+        self.finish_reason: str | None = None
+
+    # ---- the current block, in canvas positions ---------------------------
+    @property
+    def block_start(self) -> int:
+        return self.prompt_len + self.block_starts[self.block]
+
+    @property
+    def block_end(self) -> int:
+        return self.block_start + self.block_sizes[self.block]
+
+    def masked_positions(self) -> np.ndarray:
+        """Canvas positions still masked in the current block (the candidates)."""
+        g0 = self.block_starts[self.block]
+        block = self.generated[g0:g0 + self.block_sizes[self.block]]
+        return np.flatnonzero(block == self.mask_id) + self.block_start
+
+    def commit_count(self) -> int:
+        """Top-k mode: tokens to commit at this step of the block."""
+        size = self.block_sizes[self.block]
+        return num_transfer_tokens(size, self.block_steps[self.block])[self.block_step]
+
+    # ---- after a step ------------------------------------------------------
+    def apply_step(self, positions: np.ndarray, values: np.ndarray) -> tuple[list[int], int]:
+        """Record the canvas values read back at this step's candidate positions;
+        -> (newly final tokens to report, tokens committed at this step).
+        Sets finish_reason when the generation is over."""
+        committed = values != self.mask_id
+        self.needs_full_forward = False
+        self.generated[positions[committed] - self.prompt_len] = values[committed]
+        self.num_steps += 1
+        self.block_step += 1
+        g0 = self.block_starts[self.block]
+        if not (self.generated[g0:g0 + self.block_sizes[self.block]] == self.mask_id).any():
+            self.block += 1
+            self.block_step = 0
+            self.needs_full_forward = True
+
+        start = self.emitted
+        end = start
+        while end < self.gen_len and self.generated[end] != self.mask_id:
+            end += 1
+        new = self.generated[start:end].tolist()
+        for i, token in enumerate(new):
+            if token in self.stop_ids:
+                self.emitted = start + i
+                self.finish_reason = "stop"
+                return new[:i], int(committed.sum())
+        self.emitted = end
+        if end == self.gen_len:
+            self.finish_reason = "length"
+        return new, int(committed.sum())
+
+    def output(self, new_token_ids: list[int], finish_reason: str | None = None,
+               error: str | None = None) -> RequestOutput:
+        return RequestOutput(self.request_id, new_token_ids, finish_reason or self.finish_reason,
+                             self.prompt_len, self.emitted, self.num_steps, error)
