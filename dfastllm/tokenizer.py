@@ -96,9 +96,10 @@ class IncrementalDecoder:
     Decoding token by token is wrong for byte-level BPE (a character can span
     tokens) and for word-boundary markers (a leading "▁" becomes a space only
     after a previous word). So each push decodes a short window twice: the
-    already-emitted tokens since `prefix_offset` alone, and with the new ones;
-    the difference is the new text. Text ending in U+FFFD is an incomplete
-    UTF-8 sequence and is held back until more tokens (or `flush`) arrive.
+    tokens since `prefix_offset` that are fully emitted, and the whole
+    window; the difference is the new text. A trailing run of U+FFFD is an
+    incomplete UTF-8 sequence: the text before it is emitted now, the rest
+    once later tokens complete it (or at `flush`).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -106,28 +107,33 @@ class IncrementalDecoder:
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the context window
-        self.read_offset = 0    # tokens before this have been emitted
+        self.read_offset = 0    # tokens before this are fully emitted
+        self.emitted = 0        # characters emitted from the tokens after read_offset
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _new_text(self) -> str:
-        emitted = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        return self._decode(self.ids[self.prefix_offset:])[len(emitted):]
+    def _unread_text(self) -> str:
+        done = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        return self._decode(self.ids[self.prefix_offset:])[len(done):]
 
     def push(self, ids) -> str:
         self.ids.extend(ids)
-        text = self._new_text()
-        if not text or text.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text
+        text = self._unread_text()
+        complete = text.rstrip("\ufffd")
+        new = complete[self.emitted:]
+        if len(complete) < len(text):  # wait for the rest of the character
+            self.emitted = max(self.emitted, len(complete))
+        elif text:
+            self.prefix_offset, self.read_offset, self.emitted = self.read_offset, len(self.ids), 0
+        return new
 
     def flush(self) -> str:
         """Whatever is held back (an invalid byte sequence decodes to U+FFFD here,
         as in a full decode)."""
-        text = self._new_text()
+        text = self._unread_text()[self.emitted:]
         self.prefix_offset = self.read_offset = len(self.ids)
+        self.emitted = 0
         return text
 
 
