@@ -1,0 +1,186 @@
+// dfastllm._C: checks every argument the Python wrappers pass (raw pointers,
+// shapes, strides, codes, the CUDA stream), fills the parameter struct and
+// dispatches to the CPU or CUDA kernel. No torch types cross this boundary.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "kernels/params.h"
+#include "kernels/philox.h"
+
+namespace py = pybind11;
+using namespace dfastllm;
+
+namespace {
+
+#ifdef DFASTLLM_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+// Every failed check raises ValueError naming the op, the argument and what
+// was expected.
+template <typename... Parts>
+void require(bool ok, const char* op, const char* arg, const Parts&... expected) {
+  if (ok) return;
+  std::ostringstream msg;
+  msg << op << ": " << arg << " ";
+  (msg << ... << expected);
+  throw std::invalid_argument(msg.str());
+}
+
+void require_pointer(uintptr_t ptr, size_t align, bool needed, const char* op, const char* arg) {
+  if (!needed) return;
+  require(ptr != 0, op, arg, "must be a non-null data pointer");
+  require(ptr % align == 0, op, arg, "must be aligned to ", align, " bytes, got address ", ptr);
+}
+
+enum class Device { kCpu, kCuda };
+
+Device parse_device(const std::string& device, int device_index, const char* op) {
+  if (device == "cpu") return Device::kCpu;
+  require(device == "cuda", op, "device", "must be 'cpu' or 'cuda', got '", device, "'");
+  require(kWithCuda, op, "device",
+          "is 'cuda' but dfastllm._C was built without CUDA (nvcc not found at build time, or "
+          "DFASTLLM_CPU_ONLY=1); rebuild with nvcc on PATH: pip install -e . --no-build-isolation");
+  require(device_index >= 0, op, "device_index", "must be >= 0 for cuda, got ", device_index);
+  return Device::kCuda;
+}
+
+size_t dtype_size(int dtype) { return dtype == int(DType::kFloat32) ? 4 : 2; }
+
+void sample_tokens(const std::string& device, int device_index, uintptr_t logits, int dtype,
+                   int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t temperature,
+                   double temperature_scalar, uintptr_t seed, int64_t seed_scalar, uintptr_t offset,
+                   int64_t offset_scalar, int confidence_mode, uintptr_t tokens,
+                   uintptr_t confidence, int num_threads, uintptr_t stream) {
+  constexpr const char* op = "sample_tokens";
+  const Device dev = parse_device(device, device_index, op);
+  require(dtype >= 0 && dtype <= 2, op, "dtype", "must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", dtype);
+  require(n_rows >= 0, op, "n_rows", "must be >= 0, got ", n_rows);
+  require(vocab > 0, op, "vocab", "must be > 0, got ", vocab);
+  require(row_stride >= vocab || n_rows <= 1, op, "row_stride", "must be >= vocab (", vocab, "), got ", row_stride);
+  require(confidence_mode >= 0 && confidence_mode <= 3, op, "confidence_mode",
+          "must be 0 (low_confidence), 1 (random), 2 (margin) or 3 (entropy), got ", confidence_mode);
+  require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
+  const bool any = n_rows > 0;
+  require_pointer(logits, dtype_size(dtype), any, op, "logits");
+  require_pointer(tokens, 8, any, op, "tokens");
+  require_pointer(confidence, 4, any, op, "confidence");
+  require(temperature % 4 == 0, op, "temperature", "pointer must be 4-byte aligned (or 0 for the scalar)");
+  require(seed % 8 == 0, op, "seed", "pointer must be 8-byte aligned (or 0 for the scalar)");
+  require(offset % 8 == 0, op, "offset", "pointer must be 8-byte aligned (or 0 for the scalar)");
+  if (!any) return;
+
+  SampleTokensParams p{};
+  p.logits = reinterpret_cast<const void*>(logits);
+  p.dtype = DType(dtype);
+  p.n_rows = n_rows;
+  p.vocab = vocab;
+  p.row_stride = row_stride;
+  p.temperature = reinterpret_cast<const float*>(temperature);
+  p.temperature_scalar = float(temperature_scalar);
+  p.seed = reinterpret_cast<const int64_t*>(seed);
+  p.seed_scalar = seed_scalar;
+  p.offset = reinterpret_cast<const int64_t*>(offset);
+  p.offset_scalar = offset_scalar;
+  p.confidence_mode = ConfidenceMode(confidence_mode);
+  p.tokens = reinterpret_cast<int64_t*>(tokens);
+  p.confidence = reinterpret_cast<float*>(confidence);
+  p.num_threads = num_threads;
+  p.device = device_index;
+  p.stream = reinterpret_cast<void*>(stream);
+
+  py::gil_scoped_release no_gil;
+#ifdef DFASTLLM_WITH_CUDA
+  if (dev == Device::kCuda) return sample_tokens_cuda(p);
+#endif
+  (void)dev;
+  sample_tokens_cpu(p);
+}
+
+void commit_tokens(const std::string& device, int device_index, uintptr_t canvas, int64_t batch,
+                   int64_t length, int64_t canvas_stride, uintptr_t cand_offsets,
+                   uintptr_t cand_positions, uintptr_t tokens, uintptr_t confidence, int64_t n_cand,
+                   uintptr_t k, uintptr_t threshold, int64_t mask_id, uintptr_t committed,
+                   int num_threads, uintptr_t stream) {
+  constexpr const char* op = "commit_tokens";
+  const Device dev = parse_device(device, device_index, op);
+  require(batch >= 0, op, "batch", "must be >= 0, got ", batch);
+  require(length >= 0, op, "length", "must be >= 0, got ", length);
+  require(canvas_stride >= length || batch <= 1, op, "canvas_stride", "must be >= length (", length, "), got ", canvas_stride);
+  require(n_cand >= 0, op, "n_cand", "must be >= 0, got ", n_cand);
+  require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
+  if (batch == 0) return;
+  require_pointer(canvas, 8, length > 0, op, "canvas");
+  require_pointer(cand_offsets, 4, true, op, "cand_offsets");
+  require_pointer(cand_positions, 8, n_cand > 0, op, "cand_positions");
+  require_pointer(tokens, 8, n_cand > 0, op, "tokens");
+  require_pointer(confidence, 4, n_cand > 0, op, "confidence");
+  require_pointer(k, 4, true, op, "k");
+  require_pointer(threshold, 4, true, op, "threshold");
+  require_pointer(committed, 4, true, op, "committed");
+
+  CommitTokensParams p{};
+  p.canvas = reinterpret_cast<int64_t*>(canvas);
+  p.batch = batch;
+  p.length = length;
+  p.canvas_stride = canvas_stride;
+  p.cand_offsets = reinterpret_cast<const int32_t*>(cand_offsets);
+  p.cand_positions = reinterpret_cast<const int64_t*>(cand_positions);
+  p.tokens = reinterpret_cast<const int64_t*>(tokens);
+  p.confidence = reinterpret_cast<const float*>(confidence);
+  p.n_cand = n_cand;
+  p.k = reinterpret_cast<const int32_t*>(k);
+  p.threshold = reinterpret_cast<const float*>(threshold);
+  p.mask_id = mask_id;
+  p.committed = reinterpret_cast<int32_t*>(committed);
+  p.num_threads = num_threads;
+  p.device = device_index;
+  p.stream = reinterpret_cast<void*>(stream);
+
+  py::gil_scoped_release no_gil;
+#ifdef DFASTLLM_WITH_CUDA
+  if (dev == Device::kCuda) return commit_tokens_cuda(p);
+#endif
+  (void)dev;
+  commit_tokens_cpu(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dfastllm fused kernels; call them through dfastllm.ops, which passes checked pointers";
+  m.attr("with_cuda") = kWithCuda;
+
+  m.def("sample_tokens", &sample_tokens, py::kw_only(), py::arg("device"), py::arg("device_index"),
+        py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"),
+        py::arg("temperature"), py::arg("temperature_scalar"), py::arg("seed"), py::arg("seed_scalar"),
+        py::arg("offset"), py::arg("offset_scalar"), py::arg("confidence_mode"), py::arg("tokens"),
+        py::arg("confidence"), py::arg("num_threads"), py::arg("stream"),
+        "Fills tokens/confidence for n_rows logits rows (pointers as ints, 0 = use the scalar).");
+
+  m.def("commit_tokens", &commit_tokens, py::kw_only(), py::arg("device"), py::arg("device_index"),
+        py::arg("canvas"), py::arg("batch"), py::arg("length"), py::arg("canvas_stride"),
+        py::arg("cand_offsets"), py::arg("cand_positions"), py::arg("tokens"), py::arg("confidence"),
+        py::arg("n_cand"), py::arg("k"), py::arg("threshold"), py::arg("mask_id"), py::arg("committed"),
+        py::arg("num_threads"), py::arg("stream"),
+        "Commits chosen candidates into canvas in place and writes per-sequence counts.");
+
+  // Known-answer hooks for the tests: the same Philox the kernels use.
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
+    const Philox4 r = philox4x32_10(Philox4{{counter[0], counter[1], counter[2], counter[3]}}, key[0], key[1]);
+    return std::array<uint32_t, 4>{r.x[0], r.x[1], r.x[2], r.x[3]};
+  }, py::arg("counter"), py::arg("key"));
+  m.def("row_uniforms", [](int64_t seed, int64_t offset) {
+    const RowUniforms u = row_uniforms(seed, offset);
+    return std::make_tuple(u.sample, u.confidence);
+  }, py::arg("seed"), py::arg("offset"));
+}

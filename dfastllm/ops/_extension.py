@@ -1,0 +1,64 @@
+"""Loads the compiled kernels (`dfastllm._C`) and holds what every wrapper
+shares: the dtype and confidence codes of csrc/kernels/params.h and the
+device arguments (device, index, stream) of a tensor.
+
+There is deliberately no fallback to the references: a missing or stale
+extension is an ImportError that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from dfastllm import _C
+except ImportError as exc:  # missing, or built for another Python/ABI
+    raise ImportError(
+        f"dfastllm's kernel extension dfastllm._C cannot be loaded ({exc}). Build it from the "
+        "repository root with `pip install -e . --no-build-isolation` (development) or "
+        "`pip install .`; set DFASTLLM_CPU_ONLY=1 to skip the CUDA kernels."
+    ) from exc
+
+BUILT_WITH_CUDA: bool = bool(_C.with_cuda)
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CONFIDENCE_CODES = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3}
+
+
+def device_args(tensor: torch.Tensor) -> dict:
+    """device, device_index and stream keywords for a kernel call on tensor's device."""
+    if tensor.device.type == "cpu":
+        return {"device": "cpu", "device_index": 0, "stream": 0}
+    if tensor.device.type != "cuda":
+        raise ValueError(f"tensors must be on cpu or cuda, got {tensor.device}")
+    if not BUILT_WITH_CUDA:
+        raise ValueError(
+            "got CUDA tensors but dfastllm._C was built without CUDA (no nvcc at build time, or "
+            "DFASTLLM_CPU_ONLY=1); rebuild with nvcc on PATH: pip install -e . --no-build-isolation"
+        )
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    return {
+        "device": "cuda",
+        "device_index": index,
+        "stream": torch.cuda.current_stream(index).cuda_stream,
+    }
+
+
+def check_vector(name: str, value: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-row argument as a contiguous 1-D tensor, or ValueError naming it."""
+    if value.dtype != dtype:
+        raise ValueError(f"{name} must be a {dtype} tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} like the other tensors, got {value.device}")
+    if value.dim() != 1 or value.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {list(value.shape)}")
+    return value.contiguous()
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int64(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an int64 integer or tensor, got {value!r}")
+    return value

@@ -1,0 +1,94 @@
+"""`sample_tokens`: the fused sampling kernel (one read of each logits row).
+Semantics, NaN handling and the random-number scheme:
+dfastllm/ops/reference.py, whose `sample_tokens_reference` it matches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dfastllm.ops._extension import (
+    CONFIDENCE_CODES,
+    DTYPE_CODES,
+    _C,
+    check_int64,
+    check_vector,
+    device_args,
+)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor = 0,
+    confidence: str = "low_confidence",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws one token per row of logits [N, V] (bf16/fp16/fp32, last dim
+    contiguous, any row stride).
+
+    temperature: float >= 0, or a float32 tensor [N] (<= 0 means greedy).
+    seed: int, or int64 tensor [N]. offset: int (row r uses offset + r), or
+    int64 tensor [N]. confidence: "low_confidence", "random", "margin" or
+    "entropy". -> (tokens int64 [N], confidence float32 [N]), on logits'
+    device; no host synchronisation.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor [N, V], got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(f"logits must be bfloat16, float16 or float32, got {logits.dtype}")
+    n_rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have V > 0 columns, got V = 0")
+    if vocab > 1 and logits.stride(1) != 1:
+        raise ValueError(f"logits must be contiguous in the last dim, got strides {logits.stride()}")
+    if confidence not in CONFIDENCE_CODES:
+        raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_CODES)}, got {confidence!r}")
+    device = logits.device
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
+    conf = torch.empty(n_rows, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return tokens, conf
+
+    # Per-row tensors are kept referenced until the launch is queued; the
+    # caching allocator orders their reuse on this stream.
+    if isinstance(temperature, torch.Tensor):
+        temperature = check_vector("temperature", temperature, n_rows, torch.float32, device)
+        temperature_ptr, temperature_scalar = temperature.data_ptr(), 0.0
+    else:
+        temperature_scalar = float(temperature)
+        if not (math.isfinite(temperature_scalar) and temperature_scalar >= 0.0):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+        temperature_ptr = 0
+    if isinstance(seed, torch.Tensor):
+        seed = check_vector("seed", seed, n_rows, torch.int64, device)
+        seed_ptr, seed_scalar = seed.data_ptr(), 0
+    else:
+        seed_ptr, seed_scalar = 0, check_int64("seed", seed)
+    if isinstance(offset, torch.Tensor):
+        offset = check_vector("offset", offset, n_rows, torch.int64, device)
+        offset_ptr, offset_scalar = offset.data_ptr(), 0
+    else:
+        offset_ptr, offset_scalar = 0, check_int64("offset", offset)
+
+    _C.sample_tokens(
+        **device_args(logits),
+        logits=logits.data_ptr(),
+        dtype=DTYPE_CODES[logits.dtype],
+        n_rows=n_rows,
+        vocab=vocab,
+        row_stride=logits.stride(0) if n_rows > 1 else vocab,
+        temperature=temperature_ptr,
+        temperature_scalar=temperature_scalar,
+        seed=seed_ptr,
+        seed_scalar=seed_scalar,
+        offset=offset_ptr,
+        offset_scalar=offset_scalar,
+        confidence_mode=CONFIDENCE_CODES[confidence],
+        tokens=tokens.data_ptr(),
+        confidence=conf.data_ptr(),
+        num_threads=torch.get_num_threads(),
+    )
+    return tokens, conf
