@@ -76,6 +76,8 @@ class DreamConfig:
             raise ValueError("Dream config field tie_word_embeddings=True is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"Dream config field hidden_act={hf['hidden_act']!r} is not supported")
+        if hf.get("rope_scaling") or hf.get("use_sliding_window"):
+            raise ValueError("Dream config fields rope_scaling / use_sliding_window are not supported")
         return cls(
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],

@@ -16,6 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Options of the OLMo-derived config that LLaDA fixes and this module
+# implements only with these values (an absent field is fine).
+LLADA_FIXED_FIELDS = {
+    "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms",
+    "include_bias": False, "include_qkv_bias": False, "weight_tying": False,
+    "scale_logits": False, "attention_layer_norm": False, "input_emb_norm": False,
+    "rope": True, "rope_full_precision": True, "alibi": False,
+}
+
+
 @dataclasses.dataclass
 class LLaDAConfig:
     # Field names as the checkpoint's config.json spells them.
@@ -44,18 +54,10 @@ class LLaDAConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> LLaDAConfig:
-        # Variants of the OLMo-derived config that this module does not implement.
-        unsupported = {
-            "block_type": ("llama", None), "activation_type": ("silu", None),
-            "layer_norm_type": ("rms", None), "include_bias": (False, None),
-            "include_qkv_bias": (False, None), "weight_tying": (False, None),
-            "scale_logits": (False, None), "attention_layer_norm": (False, None),
-            "rope": (True, None), "input_emb_norm": (False, None),
-        }
-        for field, allowed in unsupported.items():
-            if hf.get(field) not in allowed:
+        for field, value in LLADA_FIXED_FIELDS.items():
+            if hf.get(field, value) != value:
                 raise ValueError(f"LLaDA config field {field}={hf[field]!r} is not supported "
-                                 f"(expected {allowed[0]!r})")
+                                 f"(expected {value!r})")
         return cls(
             d_model=hf["d_model"],
             n_layers=hf["n_layers"],

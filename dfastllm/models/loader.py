@@ -181,9 +181,15 @@ def resolve_checkpoint(path_or_hub_id, *, download=None, attempts: int = 5,
             return download(path)
         except Exception as e:
             if attempt == attempts or not is_transient(e):
-                raise
+                raise CheckpointDownloadError(
+                    f"{path} is not a local directory, and downloading it from the hub failed "
+                    f"after {attempt} attempt(s): {type(e).__name__}: {e}") from e
             sleep(random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1))))
     raise AssertionError("unreachable")
+
+
+class CheckpointDownloadError(OSError):
+    """A hub id could not be downloaded; `__cause__` is the last error."""
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfastllm.models import load_model
-from dfastllm.models.loader import is_transient, resolve_checkpoint
+from dfastllm.models.loader import CheckpointDownloadError, is_transient, resolve_checkpoint
 from dfastllm.testing import write_tiny_llada
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,15 +148,15 @@ def test_hub_download_gives_up(llada_dir):
 
     for permanent in (_http_error(404), _http_error(401), ValueError("bad repo id")):
         calls.clear()
-        with pytest.raises(type(permanent)):
+        with pytest.raises(CheckpointDownloadError, match="org/x .*after 1 attempt") as info:
             resolve_checkpoint("org/x", download=lambda r: download(r, permanent), sleep=lambda s: None)
-        assert len(calls) == 1  # no retry
+        assert info.value.__cause__ is permanent and len(calls) == 1  # no retry
 
     calls.clear()
-    with pytest.raises(ConnectionError):
+    with pytest.raises(CheckpointDownloadError, match="after 4 attempt") as info:
         resolve_checkpoint("org/x", download=lambda r: download(r, ConnectionError("down")),
                            attempts=4, sleep=lambda s: None)
-    assert len(calls) == 4
+    assert isinstance(info.value.__cause__, ConnectionError) and len(calls) == 4
 
 
 def test_transient_classification_of_hub_errors():
