@@ -64,6 +64,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
     tokenizer = Tokenizer.from_pretrained(directory)
+    ids = _special_ids(hf_config, tokenizer, config_path, config.vocab_size)
 
     with torch.device("meta"):
         model = model_cls(config)
@@ -74,13 +75,12 @@ def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.
 
     state = {}
     for file, tensor_shapes in files.items():
-        with safe_open(file, framework="pt") as f:
+        # Straight onto the device, one tensor at a time (no host copy of the model).
+        with safe_open(file, framework="pt", device=str(device)) as f:
             for name in tensor_shapes:
                 state[names[name]] = f.get_tensor(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
-
-    ids = _special_ids(hf_config, tokenizer, config_path, config.vocab_size)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
                        path=directory, **ids)
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import LLADA_NAMES, key_padding_mask, read_checkpoint, reference_hidden, reference_logits
+from model_reference import LLADA_NAMES, key_padding_mask, read_checkpoint, reference_hidden, reference_logits
 
 from dfastllm.models import KVCache, load_model
 

@@ -58,6 +58,15 @@ def test_unknown_model_type_names_file_and_value(llada_dir, tmp_path):
         load_model(d)
 
 
+def test_mask_id_disagreeing_with_the_tokenizer_is_refused(llada_dir, tmp_path):
+    d = _copy(llada_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["mask_token_id"] += 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: mask_token_id"):
+        load_model(d)
+
+
 def _rewrite_weights(d, edit):
     path = str(d / "model.safetensors")
     tensors = load_file(path)
