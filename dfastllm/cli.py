@@ -1,0 +1,44 @@
+"""`dfastllm` command line: `dfastllm serve [options]`.
+
+Every ServerConfig field is a flag here and a DFASTLLM_* environment
+variable; the flag wins. Torch-free: the supervisor never loads the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dfastllm import __version__
+from dfastllm.config import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfastllm", description="A server for masked-diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"dfastllm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="serve a model over the OpenAI-compatible HTTP API",
+        description="Serve a model over the OpenAI-compatible HTTP API. Every option may also be given as an "
+                    "environment variable DFASTLLM_<OPTION> (e.g. DFASTLLM_MAX_BATCH_SIZE); the flag wins.")
+    ServerConfig.add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = ServerConfig.from_args(args)
+        except ValueError as error:
+            print(f"dfastllm serve: error: {error}", file=sys.stderr)
+            return 2
+        from dfastllm.supervisor import serve
+
+        return serve(config)
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Between the wire and EngineCore: admission, ownership and translation.
+
+The engine process and the in-process client both put a `RequestRouter` in
+front of their EngineCore, so the two refuse the same requests, answer the
+same way and report the same finish reasons. It does no IO either: each
+call returns the replies as `(worker slot, message)` pairs, and the caller
+delivers them (rings in the engine process, the event loop in process).
+
+Protocol facts decided here:
+- an admitted SUBMIT is acknowledged at once with an empty TOKENS, so a
+  worker knows the outcome (admitted, or REJECTED with a reason) before the
+  first token, and can answer 409/503 before sending any header;
+- a cancelled request gets FINISHED(cancelled) on its owner's ring, because
+  EngineCore.abort emits nothing; the canceller gets CANCEL_ACK;
+- a request that failed in a step gets ERROR; the engine runs on.
+
+Torch-free: the in-process client imports it from `dfastllm.engine.client`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+from dfastllm import tracing
+from dfastllm.ipc.messages import (Cancel, CancelAck, Error, Finished, FinishReason, Message, Rejected, RejectReason,
+                                   Submit, Tokens)
+
+Reply = tuple[int, Message]  # (worker slot, message)
+
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+
+
+class RecentRequestIds:
+    """Request ids admitted in the last `window_s` seconds, oldest first.
+
+    Bounded: past `max_ids` entries the oldest are forgotten early, so a
+    flood of requests costs memory in proportion to `max_ids`, not to time.
+    """
+
+    def __init__(self, window_s: float, max_ids: int = 200_000) -> None:
+        self.window_s = window_s
+        self.max_ids = max_ids
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window_s
+        while self._seen:
+            oldest, seen_at = next(iter(self._seen.items()))
+            if seen_at > horizon and len(self._seen) <= self.max_ids:
+                return
+            del self._seen[oldest]
+
+    def __contains__(self, request_id: str) -> bool:
+        self._expire(time.monotonic())
+        return request_id in self._seen
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._seen[request_id] = now
+        self._seen.move_to_end(request_id)
+        self._expire(now)
+
+
+@dataclasses.dataclass
+class _Live:
+    """What the router remembers of one admitted request."""
+    slot: int  # the owning worker
+    prompt_tokens: int
+    submitted_at: float  # time.monotonic() of the worker's SUBMIT (machine-wide clock)
+    trace_context: str
+    completion_tokens: int = 0
+    steps: int = 0
+    started_at: float | None = None  # first denoising step
+
+
+class RequestRouter:
+    def __init__(self, core, *, dedup_window_s: float, max_queue: int, request_timeout_s: float,
+                 metrics=None) -> None:
+        """`core` is an EngineCore; `metrics` an EngineMetrics or None."""
+        self.core = core
+        self.metrics = metrics
+        self.recent_ids = RecentRequestIds(dedup_window_s)
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.draining = False
+        self.live: dict[str, _Live] = {}
+
+    def owned_by(self, slot: int) -> list[str]:
+        return [rid for rid, live in self.live.items() if live.slot == slot]
+
+    # ---- worker -> engine ---------------------------------------------------
+    def submit(self, slot: int, msg: Submit) -> list[Reply]:
+        rid = msg.request_id
+        refusal = self._refusal(rid)
+        if refusal is not None:
+            return [(slot, Rejected(rid, *refusal))]
+        submitted_at = msg.submit_time_ns / 1e9
+        try:
+            self.core.add_request(rid, list(msg.prompt_token_ids), msg.params,
+                                  deadline=submitted_at + self.request_timeout_s)
+        except ValueError as error:
+            return [(slot, Rejected(rid, RejectReason.INVALID, str(error)))]
+        # Only an admitted request consumes its id: a refused one may be retried.
+        self.recent_ids.add(rid)
+        self.live[rid] = _Live(slot, len(msg.prompt_token_ids), submitted_at, msg.trace_context)
+        return [(slot, Tokens(rid, []))]
+
+    def reject(self, slot: int, request_id: str, reason: RejectReason, message: str) -> list[Reply]:
+        """Refuse a SUBMIT that never got to `submit` (an undecodable frame)."""
+        return [(slot, Rejected(request_id, reason, message))]
+
+    def cancel(self, slot: int, msg: Cancel) -> list[Reply]:
+        live = self.live.pop(msg.request_id, None)
+        if live is None:
+            return [(slot, CancelAck(msg.reply_tag, False))]
+        self.core.abort(msg.request_id)
+        return [(live.slot, self._finished(msg.request_id, live, FinishReason.CANCELLED)),
+                (slot, CancelAck(msg.reply_tag, True))]
+
+    def _refusal(self, rid: str) -> tuple[RejectReason, str] | None:
+        if self.draining:
+            return RejectReason.DRAINING, "the engine is shutting down and admits no new requests"
+        if rid in self.live or rid in self.recent_ids:
+            return RejectReason.DUPLICATE_ID, f"request id {rid!r} was used recently"
+        if self.core.num_waiting >= self.max_queue:
+            return RejectReason.QUEUE_FULL, f"the engine queue is full ({self.max_queue} requests waiting)"
+        return None
+
+    # ---- engine -> worker ---------------------------------------------------
+    def route(self, outputs) -> list[Reply]:
+        """Replies for the RequestOutputs of one step."""
+        self._mark_started()
+        replies: list[Reply] = []
+        for out in outputs:
+            live = self.live.get(out.request_id)
+            if live is None:
+                continue  # warm-up, or cancelled before this step
+            live.steps = out.num_steps
+            live.completion_tokens = out.num_generated_tokens
+            if out.new_token_ids:
+                replies.append((live.slot, Tokens(out.request_id, out.new_token_ids)))
+            if out.finish_reason is None:
+                continue
+            del self.live[out.request_id]
+            if out.finish_reason == "error":
+                replies.append((live.slot, Error(out.request_id, out.error or "generation failed")))
+                continue
+            if out.finish_reason == "abort" and self.metrics is not None:
+                self.metrics.cancelled.labels(reason="deadline").inc()
+            replies.append((live.slot, self._finished(out.request_id, live, _FINISH_REASONS[out.finish_reason])))
+        return replies
+
+    def drop_worker(self, slot: int, reason: str) -> list[str]:
+        """The worker is gone: abort its requests, nobody to answer."""
+        dropped = self.owned_by(slot)
+        for rid in dropped:
+            del self.live[rid]
+            self.core.abort(rid)
+        if dropped and self.metrics is not None:
+            self.metrics.cancelled.labels(reason=reason).inc(len(dropped))
+        return dropped
+
+    def fail_all(self, message: str) -> list[Reply]:
+        """Abort everything still live with ERROR (drain timeout, shutdown)."""
+        replies = []
+        for rid, live in self.live.items():
+            self.core.abort(rid)
+            replies.append((live.slot, Error(rid, message)))
+        self.live.clear()
+        return replies
+
+    def _finished(self, rid: str, live: _Live, reason: FinishReason) -> Finished:
+        now = time.monotonic()
+        started = live.started_at if live.started_at is not None else now
+        if self.metrics is not None:
+            self.metrics.observe_finished(live.completion_tokens, live.steps)
+        if live.trace_context:
+            _record_spans(live, started, now)
+        return Finished(rid, reason, live.prompt_tokens, live.completion_tokens, live.steps,
+                        queue_time=max(0.0, started - live.submitted_at), run_time=now - started)
+
+    def _mark_started(self) -> None:
+        """Stamp requests that ran their first step (the end of their queue
+        time). RequestOutput does not carry it, so this reads the scheduler's
+        running list, whose requests record `first_step_at`."""
+        for request in self.core.scheduler.running:
+            live = self.live.get(request.request_id)
+            if live is not None and live.started_at is None and request.first_step_at is not None:
+                live.started_at = request.first_step_at
+                if self.metrics is not None:
+                    self.metrics.queue_time.observe(max(0.0, live.started_at - live.submitted_at))
+
+
+def _record_spans(live: _Live, started: float, finished: float) -> None:
+    """The engine's queue and generation spans under the worker's trace."""
+    to_wall_ns = time.time_ns() - time.monotonic_ns()
+    queue_start, run_start, run_end = (int(t * 1e9) + to_wall_ns for t in (live.submitted_at, started, finished))
+    tracing.record_span("engine.queue", traceparent=live.trace_context, start_ns=queue_start, end_ns=run_start)
+    tracing.record_span("engine.generate", traceparent=live.trace_context, start_ns=run_start, end_ns=run_end,
+                        attributes={"prompt_tokens": live.prompt_tokens,
+                                    "completion_tokens": live.completion_tokens, "steps": live.steps})
