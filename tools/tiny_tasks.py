@@ -1,0 +1,235 @@
+"""Chat instruction tasks with checkable answers for the embedded tiny model.
+
+Everything is generated here from a seed; nothing is downloaded. Each task
+family produces (prompt, answer) pairs whose answers a checker can verify
+exactly. The held-out split is decided by a stable hash of what a question
+is about, so the training stream and the evaluation set never share a
+question, whatever the seed:
+
+- arithmetic: the (a, op, b) triple; 10% of triples are held out.
+- sort: the list of numbers; 10% of lists are held out.
+- reverse: the word; 10% of words are held out (for every template).
+- count: the (word, letter) pair; 10% of pairs are held out.
+- copy: the phrase; 10% of phrases are held out.
+- facts: the facts themselves (capitals, opposites) must be learned, so they
+  all appear in training; the held-out questions ask them with phrasings
+  (templates) that never occur in training.
+
+The `chat` family (greetings, "what can you do?") only makes the model
+polite out of the box; it has no held-out part and is not scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+
+HELD_OUT_PERCENT = 10
+
+# Common short English words: the real-word part of the word pool.
+WORDS = """
+able acid aged also area army away baby back ball band bank base bath bear beat
+bell belt best bird blue boat body bone book boot born boss both bowl bread
+brick bride brown build burn busy cake call calm camp card care cart case cash
+cast cat chair chalk cheap chess chin city clay clock cloud coal coat code cold
+cook cool copy corn cost crab crew crow cube cup dark dash date dawn deal deer
+desk dice dish dive dock doll door dove down draw dream dress drum duck dust
+eagle early earth east echo edge egg elbow empty fact fair farm fast fern field
+fire fish flag flat flour flute foam fog food foot fork fox frog fruit game gate
+gift girl glad glass glove goat gold golf good grape grass green grid hair hall
+hand happy hard harp hat hawk heart heat hill home honey hook horse house ice
+idea iron island jam jar jazz jelly jewel juice jump kettle key king kite knee
+knife lake lamp land leaf lemon light lime lion list lock long lunch magic map
+maple mask meal melon milk mint moon moss mouse mud music nail name nest net
+night noise north nose note nut oak ocean olive onion orange owl page paint
+pan paper park pearl pen pencil piano pig pink pipe plane plant plum pond pool
+potato queen quiet rabbit rain river road robot rock roof rope rose ruby salt
+sand seed shell ship shoe silk silver sky snow soap sock sofa song soup star
+stone storm sugar sun swan table tiger toast tomato tower town toy train tree
+truck tulip van vase violin wall water wave whale wheat wind window wolf wood
+yard yarn zebra zero banana apple cherry letter mirror bottle coffee pepper
+summer winter yellow purple button rocket planet garden forest dragon castle
+""".split()
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
+    "Japan": "Tokyo", "China": "Beijing", "Egypt": "Cairo", "Russia": "Moscow",
+    "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago",
+    "Greece": "Athens", "Norway": "Oslo", "Sweden": "Stockholm", "Poland": "Warsaw",
+    "Austria": "Vienna", "Ireland": "Dublin", "Portugal": "Lisbon", "Cuba": "Havana",
+    "India": "New Delhi", "Mexico": "Mexico City", "Brazil": "Brasilia",
+    "Australia": "Canberra", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Finland": "Helsinki", "Denmark": "Copenhagen", "Hungary": "Budapest",
+    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Argentina": "Buenos Aires",
+    "England": "London", "Belgium": "Brussels", "Nepal": "Kathmandu",
+    "Ghana": "Accra", "Nigeria": "Abuja", "Morocco": "Rabat", "Korea": "Seoul",
+}
+
+OPPOSITES = {
+    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad",
+    "light": "dark", "open": "closed", "old": "new", "early": "late", "full": "empty",
+    "hard": "soft", "high": "low", "long": "short", "rich": "poor", "wet": "dry",
+    "day": "night", "left": "right", "true": "false", "win": "lose", "push": "pull",
+    "in": "out", "yes": "no", "good": "bad", "strong": "weak", "near": "far",
+    "first": "last", "begin": "end", "buy": "sell", "give": "take", "love": "hate",
+    "thick": "thin", "loud": "quiet", "clean": "dirty", "heavy": "light", "north": "south",
+    "east": "west", "young": "old", "inside": "outside", "above": "below", "top": "bottom",
+}
+
+# Facts: templates seen in training, and the phrasings kept for evaluation.
+CAPITAL_TEMPLATES_TRAIN = [
+    "What is the capital of {x}?", "What's the capital of {x}?", "Capital of {x}?",
+    "Name the capital of {x}.", "The capital of {x} is?", "capital of {x}",
+]
+CAPITAL_TEMPLATES_HELD_OUT = ["Which city is the capital of {x}?", "Tell me the capital of {x}."]
+OPPOSITE_TEMPLATES_TRAIN = [
+    "What is the opposite of {x}?", "What's the opposite of {x}?", "Opposite of {x}?",
+    "Name the opposite of {x}.", "The opposite of {x} is?", "opposite of {x}",
+]
+OPPOSITE_TEMPLATES_HELD_OUT = ["Which word is the opposite of {x}?", "Tell me the opposite of {x}."]
+
+CHAT_ANSWERS = {
+    "Hello": "Hello! I am tiny-llada.", "Hello!": "Hello! I am tiny-llada.",
+    "Hi": "Hello! I am tiny-llada.", "Hi!": "Hello! I am tiny-llada.",
+    "Hey": "Hello! I am tiny-llada.", "hello": "Hello! I am tiny-llada.",
+    "hi": "Hello! I am tiny-llada.", "Who are you?": "I am tiny-llada.",
+    "What are you?": "A tiny diffusion model.", "What is your name?": "tiny-llada",
+    "What can you do?": "Math, sorting, words, facts.",
+    "Help": "Try: What is 12 + 30?", "help": "Try: What is 12 + 30?",
+    "Thanks": "You are welcome!", "Thank you!": "You are welcome!",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    family: str
+    prompt: str
+    answer: str
+
+
+def is_held_out(family: str, key: str) -> bool:
+    """Stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.blake2b(f"{family}:{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % 100 < HELD_OUT_PERCENT
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    """Letter strings so reversal and counting generalise beyond the word list."""
+    if rng.random() < 0.5:
+        syllables = [rng.choice("bcdfghklmnprstvwz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4))]
+        return "".join(syllables)[: rng.randint(3, 8)]
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+
+
+def _word(rng: random.Random) -> str:
+    return rng.choice(WORDS) if rng.random() < 0.5 else _pseudo_word(rng)
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if rng.random() < 0.5:
+        templates = ["What is {a} + {b}?", "{a} + {b} = ?", "Compute {a} plus {b}.", "Add {a} and {b}."]
+        return f"{a}+{b}", rng.choice(templates).format(a=a, b=b), str(a + b)
+    templates = ["What is {a} - {b}?", "{a} - {b} = ?", "Compute {a} minus {b}.", "Subtract {b} from {a}."]
+    return f"{a}-{b}", rng.choice(templates).format(a=a, b=b), str(a - b)
+
+
+def _sort(rng: random.Random) -> tuple[str, str, str]:
+    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+    listed = ", ".join(map(str, numbers))
+    templates = ["Sort these numbers: {xs}", "Sort {xs} from smallest to largest.", "Put in order: {xs}"]
+    return listed, rng.choice(templates).format(xs=listed), ", ".join(map(str, sorted(numbers)))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    word = _word(rng)
+    templates = ["Reverse the word {w}.", "Spell {w} backwards.", "Reverse: {w}"]
+    return word, rng.choice(templates).format(w=word), word[::-1]
+
+
+def _count(rng: random.Random) -> tuple[str, str, str]:
+    word = _word(rng)
+    # Mostly a letter of the word, sometimes one it lacks (answer 0).
+    letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+    templates = [
+        "How many times does the letter {c} appear in {w}?",
+        "How many {c}'s are in {w}?",
+        "Count the letter {c} in {w}.",
+    ]
+    return f"{word}/{letter}", rng.choice(templates).format(c=letter, w=word), str(word.count(letter))
+
+
+def _copy(rng: random.Random) -> tuple[str, str, str]:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+    while len(" ".join(words)) > 24:  # keep the answer short
+        words.pop()
+    phrase = " ".join(words)
+    templates = ["Repeat after me: {p}", "Copy this: {p}", "Echo: {p}"]
+    return phrase, rng.choice(templates).format(p=phrase), phrase
+
+
+GENERATORS = {"arithmetic": _arithmetic, "sort": _sort, "reverse": _reverse, "count": _count, "copy": _copy}
+
+
+def _facts(rng: random.Random, held_out: bool) -> Task:
+    table, train, held = (
+        (CAPITALS, CAPITAL_TEMPLATES_TRAIN, CAPITAL_TEMPLATES_HELD_OUT)
+        if rng.random() < 0.5
+        else (OPPOSITES, OPPOSITE_TEMPLATES_TRAIN, OPPOSITE_TEMPLATES_HELD_OUT)
+    )
+    key = rng.choice(sorted(table))
+    template = rng.choice(held if held_out else train)
+    return Task("facts", template.format(x=key), table[key])
+
+
+def sample_task(family: str, rng: random.Random, *, held_out: bool) -> Task:
+    """One question of `family` from the training side or the held-out side."""
+    if family == "facts":
+        return _facts(rng, held_out)
+    if family == "chat":
+        if held_out:
+            raise ValueError("the chat family has no held-out part")
+        prompt = rng.choice(sorted(CHAT_ANSWERS))
+        return Task("chat", prompt, CHAT_ANSWERS[prompt])
+    while True:  # rejection sampling; about 1 in 10 (or 9 in 10) draws is kept
+        key, prompt, answer = GENERATORS[family](rng)
+        if is_held_out(family, key) == held_out:
+            return Task(family, prompt, answer)
+
+
+# Mixture of the training stream: harder families get more of it.
+TRAIN_MIX = {
+    "arithmetic": 0.26, "sort": 0.18, "reverse": 0.13, "count": 0.16,
+    "copy": 0.08, "facts": 0.15, "chat": 0.04,
+}
+SCORED_FAMILIES = ("arithmetic", "sort", "reverse", "count", "copy", "facts")
+
+
+def training_stream(seed: int):
+    """Endless deterministic stream of training tasks."""
+    rng = random.Random(seed)
+    families, weights = zip(*TRAIN_MIX.items())
+    while True:
+        yield sample_task(rng.choices(families, weights)[0], rng, held_out=False)
+
+
+def held_out_set(per_family: int, seed: int = 1234) -> list[Task]:
+    """Distinct held-out questions, `per_family` of every scored family."""
+    rng = random.Random(seed)
+    tasks: list[Task] = []
+    for family in SCORED_FAMILIES:
+        seen: set[str] = set()
+        for _ in range(per_family * 50):
+            if len(seen) == per_family:
+                break
+            task = sample_task(family, rng, held_out=True)
+            if task.prompt not in seen:
+                seen.add(task.prompt)
+                tasks.append(task)
+    return tasks
+
+
+def check(task: Task, reply: str) -> bool:
+    """Exact match after trimming whitespace and a trailing full stop."""
+    return reply.strip().rstrip(".").strip() == task.answer
