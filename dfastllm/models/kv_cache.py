@@ -22,10 +22,3 @@ class KVCache:
         return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)],
                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)])
 
-    def view(self, rows: slice | torch.Tensor | None = None, length: int | None = None) -> KVCache:
-        """The cache restricted to `rows` (a slice keeps it a view) and the
-        first `length` positions."""
-        def cut(t):
-            t = t if rows is None else t[rows]
-            return t if length is None else t[:, :, :length]
-        return KVCache(k=[cut(t) for t in self.k], v=[cut(t) for t in self.v])
