@@ -1,0 +1,223 @@
+"""`dfastllm serve`: the supervisor process. Imports no torch.
+
+It owns what outlives any one engine or worker:
+- the shared-memory segments (created at start under a fresh base name,
+  removed at stop; a crashed run's leftovers are removed at the next start),
+- the Prometheus multiprocess directory (a fresh temporary folder),
+- the engine process: started as a fresh interpreter
+  (`python -m dfastllm.engine.process`), restarted after a crash with
+  exponential backoff while the control block says FAILED, given up after
+  `engine_restart_limit` consecutive crashes that never reached READY,
+- Granian (`python -m granian --interface asgi server.asgi:app`), whose
+  master process respawns its own workers.
+
+Every child gets the configuration and the names in its environment:
+DFASTLLM_CONFIG_JSON, DFASTLLM_IPC_NAME, PROMETHEUS_MULTIPROC_DIR.
+
+SIGTERM or SIGINT stops cleanly: the engine drains (readiness drops at
+once, running requests finish for up to drain_timeout_s), then Granian
+stops, then the segments and the metrics folder are removed; exit 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from dfastllm.config import CONFIG_ENV, ServerConfig
+from dfastllm.ipc import ENV_NAME, EngineState, IpcLayout, new_base_name, remove_stale_segments
+
+logger = logging.getLogger("dfastllm.supervisor")
+
+MONITOR_INTERVAL_S = 0.05
+RESTART_BACKOFF_S = 0.5  # first delay; doubles with every crash before READY
+RESTART_BACKOFF_MAX_S = 30.0
+HTTP_STOP_TIMEOUT_S = 15.0
+KILL_GRACE_S = 5.0  # after a timeout, how long SIGKILL may take
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the supervisor dies, even by
+    SIGKILL, so no engine or Granian outlives the run that owns its segments."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Supervisor:
+    """`start()`, then `run()` until a signal. Tests drive the parts:
+    `start()`, `wait_ready()`, `supervise()` in a thread, `stop()`."""
+
+    def __init__(self, config: ServerConfig, *, http: bool = True) -> None:
+        self.config = config
+        self.http = http  # False: engine only (tests, benchmarks)
+        self.layout: IpcLayout | None = None
+        self.metrics_dir: str | None = None
+        self.env: dict[str, str] = {}
+        self.engine: subprocess.Popen | None = None
+        self.granian: subprocess.Popen | None = None
+        self.stop_requested = threading.Event()
+        self.engine_starts = 0
+        self._failures_before_ready = 0
+        self._engine_reached_ready = False
+        self._restart_at: float | None = None
+
+    # ---- start --------------------------------------------------------------------
+    def start(self) -> None:
+        removed = remove_stale_segments()
+        if removed:
+            logger.info("removed shared-memory segments of a crashed run", extra={"segments": removed})
+        self.metrics_dir = tempfile.mkdtemp(prefix="dfastllm-metrics-")
+        self.layout = IpcLayout.create(new_base_name(), n_slots=2 * self.config.workers,
+                                       config=self.config.to_json().encode())
+        self.env = {**os.environ, CONFIG_ENV: self.config.to_json(), **self.layout.env(),
+                    "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+        self.start_engine()
+        if self.http:
+            self.start_http()
+
+    def start_engine(self) -> None:
+        self.engine_starts += 1
+        self._engine_reached_ready = False
+        self.engine = subprocess.Popen([sys.executable, "-m", "dfastllm.engine.process"], env=self.env,
+                                       preexec_fn=_die_with_parent)
+        logger.info("engine process started", extra={"engine_pid": self.engine.pid, "start": self.engine_starts})
+
+    def start_http(self) -> None:
+        c = self.config
+        command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", c.host, "--port", str(c.port),
+                   "--workers", str(c.workers), "--no-ws", "--respawn-failed-workers",
+                   "--workers-kill-timeout", str(int(HTTP_STOP_TIMEOUT_S)), "--log-level", c.log_level,
+                   "server.asgi:app"]
+        self.granian = subprocess.Popen(command, env=self.env, preexec_fn=_die_with_parent)
+        logger.info("HTTP server started", extra={"granian_pid": self.granian.pid, "host": c.host, "port": c.port,
+                                                  "workers": c.workers})
+
+    # ---- watch --------------------------------------------------------------------
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT (-> clean stop, 0) or a failure we
+        cannot recover from (-> 1)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop_requested.set())
+        try:
+            return self.supervise()
+        finally:
+            self.stop()
+
+    def supervise(self) -> int:
+        """The watch loop without signal handling or stop (a test runs it in
+        a thread and sets `stop_requested`); 0 when asked to stop, 1 on failure."""
+        while not self.stop_requested.wait(MONITOR_INTERVAL_S):
+            if not self.poll():
+                return 1
+        return 0
+
+    def poll(self) -> bool:
+        """One supervision step; False when the server cannot go on."""
+        control = self.layout.control
+        if self.engine is not None:
+            if not self._engine_reached_ready and control.state == EngineState.READY:
+                self._engine_reached_ready = True
+                self._failures_before_ready = 0
+                logger.info("engine ready", extra={"generation": control.generation})
+            code = self.engine.poll()
+            if code is not None:
+                self._engine_died(code)
+        if self.engine is None and self._restart_at is not None and time.monotonic() >= self._restart_at:
+            if self._failures_before_ready >= self.config.engine_restart_limit:
+                logger.error("the engine failed %d times in a row before becoming ready; giving up",
+                             self._failures_before_ready)
+                return False
+            self._restart_at = None
+            self.start_engine()
+        if self.granian is not None and self.granian.poll() is not None:
+            logger.error("the HTTP server exited unexpectedly", extra={"exit_code": self.granian.returncode})
+            self.granian = None
+            return False
+        return True
+
+    def _engine_died(self, code: int) -> None:
+        pid = self.engine.pid
+        self.engine = None
+        self.layout.control.set_state(EngineState.FAILED)  # workers fail their open requests now
+        self._mark_metrics_dead(pid)
+        if not self._engine_reached_ready:
+            self._failures_before_ready += 1
+        delay = min(RESTART_BACKOFF_S * 2 ** self._failures_before_ready, RESTART_BACKOFF_MAX_S)
+        self._restart_at = time.monotonic() + delay
+        logger.error("the engine process exited; restarting", extra={
+            "engine_pid": pid, "exit_code": code, "restart_in_s": delay,
+            "failures_before_ready": self._failures_before_ready})
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Supervise until the engine is READY (True) or the timeout (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.poll():
+                return False
+            if self._engine_reached_ready and self.engine is not None:
+                return True
+            time.sleep(MONITOR_INTERVAL_S)
+        return False
+
+    # ---- stop ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """Drain the engine, stop Granian, remove the segments and the metrics
+        folder. Safe to call more than once."""
+        if self.engine is not None:
+            logger.info("draining the engine", extra={"drain_timeout_s": self.config.drain_timeout_s})
+            _terminate(self.engine, self.config.drain_timeout_s + KILL_GRACE_S)
+            self._mark_metrics_dead(self.engine.pid)
+            self.engine = None
+        if self.granian is not None:
+            _terminate(self.granian, HTTP_STOP_TIMEOUT_S + KILL_GRACE_S)
+            self.granian = None
+        if self.layout is not None:
+            self.layout.control.set_state(EngineState.STOPPED)
+            self.layout.unlink()
+            self.layout = None
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
+        logger.info("stopped")
+
+    def _mark_metrics_dead(self, pid: int) -> None:
+        """The engine's live gauges leave /metrics with it."""
+        if self.metrics_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metrics_dir)
+
+
+def _terminate(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            logger.error("process did not stop in time; killing it", extra={"pid": process.pid})
+            process.kill()
+    process.wait(KILL_GRACE_S)
+
+
+def serve(config: ServerConfig) -> int:
+    """`dfastllm serve`: supervise until a signal; returns the exit code."""
+    from dfastllm.log import configure_logging
+
+    configure_logging("supervisor", level=config.log_level, fmt=config.log_format)
+    supervisor = Supervisor(config)
+    try:
+        supervisor.start()
+    except BaseException:
+        supervisor.stop()
+        raise
+    return supervisor.run()
