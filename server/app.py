@@ -1,0 +1,88 @@
+"""`create_app(config, engine_client)`: the whole HTTP front end of one worker.
+
+The chain, outermost first: the ASGI channel wrapper (body cap, disconnect
+watch), then Falcon's middleware in order — request identity and API version
+(so every response, errors included, carries them), HTTP metrics, the
+declared-length body limit, CORS (only with configured origins), API keys,
+and the engine attach/detach of the worker's lifespan. New stages (rate
+limit, load shedding, audit) slot in after auth. Errors of every stage go
+to the one handler in `server.errors`.
+"""
+
+from __future__ import annotations
+
+import falcon
+import falcon.asgi
+import falcon.media
+import orjson
+
+from dfastllm.config import ServerConfig
+from server.errors import handle_error
+from server.metrics import HttpMetrics
+from server.middleware.auth import ApiKeyAuth
+from server.middleware.body_limit import BodyLimit
+from server.middleware.channel import ChannelApp
+from server.middleware.http_metrics import HttpMetricsMiddleware
+from server.middleware.identity import RequestIdentity
+from server.middleware.lifespan import EngineLifespan
+from server.resources.chat import ChatCompletions
+from server.resources.completions import Completions
+from server.resources.health import Live, Ready
+from server.resources.metrics import Metrics
+from server.resources.models import Models
+from server.resources.requests import Requests
+from server.resources.tokenize import Detokenize, Tokenize
+from server.resources.version import OpenApi, Version
+from server.state import ServedModel, ServerState, checkpoint_dir
+
+
+def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: ServedModel | None = None):
+    """The ASGI app of one worker. `model` and `tokenizer` default to those
+    of the checkpoint `config.model` names."""
+    if model is None:
+        model = ServedModel.from_checkpoint(config, checkpoint_dir(config.model))
+    if tokenizer is None:
+        from dfastllm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(model.path)
+    state = ServerState(config=config, engine=engine_client, tokenizer=tokenizer, model=model,
+                        metrics=HttpMetrics())
+
+    middleware = [RequestIdentity(), HttpMetricsMiddleware(state.metrics), BodyLimit(config.max_body_bytes)]
+    if config.cors_origins:
+        middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins,
+                                                expose_headers=["X-Request-ID", "X-API-Version"]))
+    middleware += [ApiKeyAuth(config.api_keys, config.admin_keys, metrics_require_key=config.metrics_require_key),
+                   EngineLifespan(engine_client)]
+    app = falcon.asgi.App(middleware=middleware)
+    json_handler = falcon.media.JSONHandler(dumps=lambda obj: orjson.dumps(obj).decode(), loads=orjson.loads)
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
+    app.add_error_handler((Exception, falcon.HTTPError), handle_error)
+
+    app.add_route("/v1/completions", Completions(state))
+    app.add_route("/v1/chat/completions", ChatCompletions(state))
+    models = Models(state)
+    app.add_route("/v1/models", models)
+    app.add_route("/v1/models/{model_id}", models, suffix="model")
+    app.add_route("/v1/requests/{request_id}", Requests(state))
+    app.add_route("/v1/tokenize", Tokenize(state))
+    app.add_route("/v1/detokenize", Detokenize(state))
+    app.add_route("/health/live", Live())
+    ready = Ready(state)
+    app.add_route("/health/ready", ready)
+    app.add_route("/health", ready)
+    app.add_route("/metrics", Metrics(state))
+    app.add_route("/version", Version())
+    app.add_route("/openapi.json", OpenApi(state))
+    return ChannelApp(app, config.max_body_bytes)
+
+
+def create_app_from_env():
+    """The app of a Granian worker: configuration and engine names from the
+    environment the supervisor set."""
+    from dfastllm.engine.client import EngineClient
+    from dfastllm.log import configure_logging
+
+    config = ServerConfig.from_process_env()
+    configure_logging("worker", level=config.log_level, fmt=config.log_format)
+    return create_app(config, EngineClient.attach_from_env())

@@ -1,0 +1,254 @@
+"""One generation request as the worker runs it: its engine requests (one
+per prompt and choice), cancellation, and the merged stream of text deltas
+that the completions and chat resources render.
+
+How a request ends early:
+- the client disconnects: the channel's watcher calls `cancel`, every engine
+  request still running is cancelled, and each choice finishes "cancelled";
+- `DELETE /v1/requests/{id}` from any worker: the engine finishes the first
+  choice as cancelled, and this request cancels its siblings;
+- the request timeout: the engine's own deadline (request_timeout_s from the
+  SUBMIT), which finishes the request as cancelled like a DELETE;
+- a stop string: that choice's stream is closed, which cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+
+from dfastllm import tracing
+from dfastllm.engine.client import ErrorEvent, FinishedEvent, TokensEvent
+from dfastllm.sampling_params import SamplingParams
+from server.errors import InternalError, InvalidRequest, Unavailable
+from server.streaming import ChoiceText
+
+log = logging.getLogger(__name__)
+
+SEED_MODULUS = 2**63
+
+
+@dataclasses.dataclass
+class Delta:
+    index: int
+    text: str
+    finish_reason: str | None = None  # set on the choice's last delta
+
+
+class Choice:
+    def __init__(self, index: int, engine_id: str, prompt_ids: list[int], params: SamplingParams, text: ChoiceText):
+        self.index = index
+        self.engine_id = engine_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.text = text
+        self.stream = None  # the engine client's RequestStream once admitted
+        self.pieces: list[str] = []  # the whole text, for non-streaming responses
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.error: ErrorEvent | None = None
+
+
+class Generation:
+    def __init__(self, state, prompts: list[list[int]], choices: list[Choice], *, channel, started: float):
+        self.state = state
+        self.engine = state.engine
+        self.metrics = state.metrics
+        self.prompts = prompts
+        self.choices = choices
+        self.channel = channel
+        self.started = started  # time.perf_counter() at arrival
+        self.cancel_reason: str | None = None
+        self._first_text_sent = False
+        self._tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    def build(cls, state, request_id: str, request, prompts: list[list[int]], *, channel, started: float):
+        """One engine request per prompt and choice: distinct engine ids (the
+        first is the request id itself, so DELETE finds it), seeds offset by
+        the choice number."""
+        n = request.n or 1
+        choices = []
+        for p, prompt_ids in enumerate(prompts):
+            params = sampling_params(state, request, len(prompt_ids))
+            for i in range(n):
+                index = p * n + i
+                seeded = params if request.seed is None else dataclasses.replace(
+                    params, seed=(request.seed + i) % SEED_MODULUS)
+                engine_id = request_id if index == 0 else f"{request_id}#{index}"
+                choices.append(Choice(index, engine_id, prompt_ids, seeded, ChoiceText(state.tokenizer, request.stop)))
+        return cls(state, prompts, choices, channel=channel, started=started)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Each prompt counts once, whatever `n` (as OpenAI counts)."""
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Submit every engine request. If the engine refuses one, those
+        already admitted are cancelled and the refusal propagates (the error
+        handler maps it: 409, 503, ...)."""
+        trace_context = tracing.current_traceparent()
+        results = await asyncio.gather(
+            *(self.engine.submit(c.engine_id, c.prompt_ids, c.params, trace_context=trace_context)
+              for c in self.choices), return_exceptions=True)
+        refusals = [r for r in results if isinstance(r, BaseException)]
+        if refusals:
+            await asyncio.gather(*(r.aclose() for r in results if not isinstance(r, BaseException)))
+            raise refusals[0]
+        for choice, stream in zip(self.choices, results):
+            choice.stream = stream
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.channel.on_disconnect(lambda: self._cancel_soon("client_disconnect"))
+
+    def _cancel_soon(self, reason: str) -> None:
+        task = asyncio.ensure_future(self.cancel(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel(self, reason: str | None) -> None:
+        """Cancel every choice still running; each then finishes "cancelled".
+        `reason` is counted once per request; None when the engine cancelled
+        a choice (a DELETE, counted by the worker that took it, or the
+        deadline, counted by the engine)."""
+        if self.cancel_reason is not None or self.finished:
+            return
+        self.cancel_reason = reason or "engine"
+        if reason is not None:
+            self.metrics.cancelled.labels(reason).inc()
+            log.info("cancelling request", extra={"reason": reason})
+        # A dead engine runs nothing, and its streams end with an error on their own.
+        await asyncio.gather(*(self.engine.cancel(c.engine_id) for c in self.choices if c.finish_reason is None),
+                             return_exceptions=True)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    # ------------------------------------------------------------ streaming
+
+    async def deltas(self):
+        """Text deltas of all choices as the engine commits tokens; each
+        choice ends with one delta that carries its finish reason. An engine
+        failure raises (503 if the engine died, else 500)."""
+        source = self._choice_deltas(self.choices[0]) if len(self.choices) == 1 else self._merged()
+        async for delta in source:
+            yield delta
+        self.metrics.e2e.observe(time.perf_counter() - self.started)
+        failed = [c.error for c in self.choices if c.error is not None]
+        if failed:
+            if any(e.engine_failed for e in failed):
+                raise Unavailable("The engine failed while generating; retry shortly.")
+            raise InternalError("The generation failed.")
+
+    async def collect(self) -> list[Choice]:
+        async for delta in self.deltas():
+            self.choices[delta.index].pieces.append(delta.text)
+        return self.choices
+
+    async def _merged(self):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            async for delta in self._choice_deltas(choice):
+                queue.put_nowait(delta)
+
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        for task in tasks:
+            task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            for _ in tasks:
+                while (delta := await queue.get()) is not None:
+                    yield delta
+            for task in tasks:
+                task.result()  # a pump's exception, if any
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _choice_deltas(self, choice: Choice):
+        last_tokens_at = None
+        async for event in choice.stream:
+            if isinstance(event, TokensEvent):
+                now = time.perf_counter()
+                if last_tokens_at is not None:
+                    self.metrics.itl.observe((now - last_tokens_at) / len(event.ids))
+                last_tokens_at = now
+                text, stopped = choice.text.push(event.ids)
+                if stopped:
+                    await choice.stream.aclose()  # cancels the rest of this choice
+                    yield self._finish(choice, text, "stop", choice.text.num_tokens)
+                    return
+                if text:
+                    yield self._text(choice, text)
+            elif isinstance(event, FinishedEvent):
+                if event.reason == "cancelled":
+                    await self.cancel(None)  # the siblings of a choice cancelled from outside
+                text, stopped = choice.text.flush()
+                tokens = min(event.completion_tokens, choice.text.num_tokens) if stopped else event.completion_tokens
+                yield self._finish(choice, text, "stop" if stopped else event.reason, tokens)
+            else:
+                choice.error = event
+                log.error("generation failed", extra={"engine_id": choice.engine_id, "error": event.message,
+                                                      "engine_failed": event.engine_failed})
+                yield self._finish(choice, "", "error", choice.text.num_tokens)
+
+    def _text(self, choice: Choice, text: str) -> Delta:
+        if not self._first_text_sent:
+            self._first_text_sent = True
+            self.metrics.ttft.observe(time.perf_counter() - self.started)
+        return Delta(choice.index, text)
+
+    def _finish(self, choice: Choice, text: str, reason: str, completion_tokens: int) -> Delta:
+        if text:
+            self._text(choice, text)
+        choice.finish_reason = reason
+        choice.completion_tokens = completion_tokens
+        self.metrics.generation_tokens.inc(completion_tokens)
+        if reason in ("stop", "length"):
+            self.metrics.success.labels(reason).inc()
+        elif reason == "error":
+            self.metrics.failure.labels("engine_failed" if choice.error.engine_failed else "request_failed").inc()
+        return Delta(choice.index, text, reason)
+
+
+def sampling_params(state, request, prompt_tokens: int) -> SamplingParams:
+    """The request's decoding parameters with the server's defaults, after
+    the context-length check (prompt + max_tokens <= max_model_len)."""
+    config = state.config
+    max_model_len = state.model.max_model_len
+    room = max_model_len - prompt_tokens
+    requested = request.requested_max_tokens
+    # An omitted max_tokens is the default, clipped to what fits.
+    max_tokens = requested if requested is not None else min(config.default_max_tokens, room)
+    if not 1 <= max_tokens <= room:
+        asked = requested or 1
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the completion). "
+            "Please reduce the length of the prompt or max_tokens.",
+            param="max_tokens" if requested is not None else "prompt", code="context_length_exceeded")
+    # Steps and block length a client gave were checked against the max_tokens it
+    # asked for (or the default); they only shrink here when the default was clipped.
+    steps = request.steps or math.ceil(max_tokens * config.default_steps_per_token)
+    block_length = request.block_length or config.default_block_length
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=request.temperature if request.temperature is not None else 0.0,
+        top_p=request.top_p if request.top_p is not None else 1.0,
+        steps=min(steps, max_tokens),
+        block_length=min(block_length, max_tokens),
+        remasking=request.remasking or "low_confidence",
+        threshold=request.threshold,
+        seed=request.seed,
+        ignore_eos=bool(request.ignore_eos),
+    )

@@ -1,0 +1,120 @@
+"""The request's ASGI receive channel, watched from outside Falcon.
+
+Falcon reads the body through `receive` and never looks at it again, and
+neither it nor Granian tells a streaming generator that the client left.
+`ChannelApp` wraps the Falcon app and gives each HTTP request a
+`RequestChannel` (in `scope`, see `channel_of`) that
+
+- hands the app at most `max_body_bytes` of body, chunked or not: past the
+  limit it stops reading and reports the body as ended, so nothing beyond
+  the limit is read or buffered (`read_body` then raises 413);
+- after the body, watches the raw channel for `http.disconnect` and calls
+  the callbacks registered with `on_disconnect` at once (cancel the engine
+  requests), whether the response streams or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.errors import RequestTooLarge
+
+SCOPE_KEY = "dfastllm.channel"
+_BODY_END = {"type": "http.request", "body": b"", "more_body": False}
+
+
+class RequestChannel:
+    def __init__(self, receive, max_body_bytes: int):
+        self._receive = receive
+        self.max_body_bytes = max_body_bytes
+        self.body_bytes = 0
+        self.too_large = False
+        self.body_done = False
+        self.disconnected = asyncio.Event()
+        self._callbacks: list = []
+        self._watcher: asyncio.Task | None = None
+
+    async def receive(self) -> dict:
+        """What the app sees: the body up to the limit, then (if asked) the disconnect."""
+        if self.too_large:
+            return _BODY_END
+        if self.body_done:
+            self._watch()
+            await self.disconnected.wait()
+            return {"type": "http.disconnect"}
+        event = await self._receive()
+        if event["type"] == "http.disconnect":
+            self._disconnect()
+            return event
+        self.body_bytes += len(event.get("body", b""))
+        if self.body_bytes > self.max_body_bytes:
+            self.too_large = True
+            return _BODY_END
+        if not event.get("more_body", False):
+            self.body_done = True
+            if self._callbacks:
+                self._watch()
+        return event
+
+    def on_disconnect(self, callback) -> None:
+        """Call `callback()` as soon as the client disconnects (at once if it has)."""
+        if self.disconnected.is_set():
+            callback()
+            return
+        self._callbacks.append(callback)
+        if self.body_done:
+            self._watch()
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_disconnect())
+
+    async def _watch_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self.disconnected.is_set():
+            return
+        self.disconnected.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def close(self) -> None:
+        """The response is done: stop watching."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+class ChannelApp:
+    """ASGI wrapper: a `RequestChannel` for each HTTP request."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        channel = RequestChannel(receive, self.max_body_bytes)
+        scope[SCOPE_KEY] = channel
+        try:
+            await self.app(scope, channel.receive, send)
+        finally:
+            channel.close()
+
+
+def channel_of(req) -> RequestChannel:
+    return req.scope[SCOPE_KEY]
+
+
+async def read_body(req) -> bytes:
+    """The whole body, or 413 if it is over the limit (declared lengths are
+    refused earlier, by `BodyLimit`, before anything is read)."""
+    body = await req.stream.readall()
+    if channel_of(req).too_large:
+        raise RequestTooLarge(channel_of(req).max_body_bytes)
+    return body

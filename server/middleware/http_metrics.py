@@ -1,0 +1,19 @@
+"""Counts every HTTP response by route and status, and the generation
+requests refused before they reached the engine."""
+
+from __future__ import annotations
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class HttpMetricsMiddleware:
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    async def process_response(self, req, resp, resource, req_succeeded) -> None:
+        # The route template, not the path, keeps the label set bounded.
+        route = req.uri_template or "unmatched"
+        self.metrics.http_requests.labels(req.method, route, str(resp.status_code)).inc()
+        code = getattr(req.context, "error_code", None)
+        if code is not None and req.path in GENERATION_PATHS and not getattr(req.context, "admitted", False):
+            self.metrics.rejected.labels(code).inc()
