@@ -49,6 +49,7 @@ class EngineStats:
     requests_finished: int = 0
     requests_failed: int = 0
     last_step_rows: int = 0
+    last_step_full_rows: int = 0  # rows that ran over their whole canvas (the rest used the cache)
     last_step_tokens_committed: int = 0
     last_step_seconds: float = 0.0
 
@@ -181,6 +182,7 @@ class EngineCore:
         s.rows_stepped += len(running)
         s.tokens_committed += committed_total
         s.last_step_rows = len(running)
+        s.last_step_full_rows = batch.full_rows
         s.last_step_tokens_committed = committed_total
         s.last_step_seconds = time.perf_counter() - started
         return outputs

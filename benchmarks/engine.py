@@ -1,0 +1,207 @@
+"""Throughput of the denoising loop (EngineCore in this process).
+
+    python benchmarks/engine.py --shape tiny                 # random weights, CPU here
+    python benchmarks/engine.py --shape llada-8b             # random 8B weights built on the GPU (bf16)
+    python benchmarks/engine.py --model /path/to/checkpoint  # a real checkpoint directory
+    ... --kv-cache none dual --batch-sizes 1 8 --prompt-len 64 --max-tokens 128 --json
+
+For each kv_cache mode and batch size it runs one batch of identical-shape
+requests (block 32, one token per step unless --steps, EOS ignored so every
+request runs to max_tokens) and reports generated tokens/s and engine
+steps/s. Per step it also separates full steps (a block's first, or every
+step with kv_cache none) from cached block steps; the time of one cached
+block step (forward + head + sampling + commit + the one read-back) is the
+figure to hold against the time to read the weights once, measured as a
+device copy of every parameter (a step must at least read each weight once).
+
+`run_configuration` is the hook for other drivers: it runs one
+configuration through any `generate(prompts, params)` callable whose
+outputs have `.token_ids` and `.num_steps` (e.g. the engine process behind
+its client); `engine_generate` is the in-process one used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+
+import torch
+
+from dfastllm import SamplingParams
+from dfastllm.engine import EngineCore
+from dfastllm.models import LoadedModel, load_model
+from dfastllm.models.llada import LLaDAConfig, LLaDAModel
+
+SHAPES = {
+    # Small enough for a 2-core CPU; still has GQA-free multi-head attention and a real vocabulary size.
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384, vocab_size=1024,
+                 max_sequence_length=1024, mask_token_id=5, eos_token_id=1, pad_token_id=1),
+    # GSAI-ML/LLaDA-8B-Instruct's config.json.
+    "llada-8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
+                     vocab_size=126464, max_sequence_length=4096, rope_theta=500000.0,
+                     mask_token_id=126336, eos_token_id=126081, pad_token_id=126081),
+}
+
+Generate = Callable[[list[list[int]], SamplingParams], list]
+
+
+# ---- the hook: one configuration through any generate callable ---------------
+def run_configuration(generate: Generate, *, batch_size: int, prompt_len: int, max_tokens: int,
+                      block_length: int, steps: int | None, vocab_size: int, special_ids: set[int],
+                      seed: int = 0) -> dict:
+    """Run `batch_size` requests of `prompt_len` random tokens together;
+    -> tokens, steps (the longest request's), seconds, tokens_per_s, steps_per_s."""
+    gen = torch.Generator().manual_seed(seed)
+    ordinary = torch.tensor([t for t in range(vocab_size) if t not in special_ids])
+    prompts = [ordinary[torch.randint(len(ordinary), (prompt_len,), generator=gen)].tolist()
+               for _ in range(batch_size)]
+    params = SamplingParams(max_tokens=max_tokens, block_length=block_length, steps=steps, ignore_eos=True)
+    started = time.perf_counter()
+    outputs = generate(prompts, params)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.token_ids) for o in outputs)
+    n_steps = max(o.num_steps for o in outputs)
+    return dict(batch_size=batch_size, prompt_len=prompt_len, max_tokens=max_tokens, block_length=block_length,
+                tokens=tokens, steps=n_steps, seconds=seconds, tokens_per_s=tokens / seconds,
+                steps_per_s=n_steps / seconds)
+
+
+# ---- in-process driver --------------------------------------------------------
+def engine_generate(core: EngineCore, step_log: list) -> Generate:
+    """A generate callable over EngineCore that logs (seconds, cached?) per step.
+    Each step ends with the read-back of the committed tokens, a device
+    synchronisation, so wall time per step is the device time too."""
+    counter = iter(range(1 << 62))
+
+    def generate(prompts, params):
+        ids = [f"bench-{next(counter)}" for _ in prompts]
+        for rid, p in zip(ids, prompts):
+            core.add_request(rid, p, params)
+        tokens = {rid: [] for rid in ids}
+        done = {}
+        while core.has_unfinished():
+            started = time.perf_counter()
+            outputs = core.step()
+            step_log.append((time.perf_counter() - started, core.stats.last_step_full_rows == 0))
+            for out in outputs:
+                if out.finish_reason == "error":
+                    raise RuntimeError(out.error)
+                tokens[out.request_id] += out.new_token_ids
+                if out.finished:
+                    done[out.request_id] = out.num_steps
+        return [types.SimpleNamespace(token_ids=tokens[r], num_steps=done[r]) for r in ids]
+    return generate
+
+
+def synthetic_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A LLaDA-format model with random weights, built directly on the device."""
+    config = LLaDAConfig(**SHAPES[shape])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LLaDAModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "embed.weight":
+                p.normal_(0.0, 0.5)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, config=config, tokenizer=None, family="llada",
+                       mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id, eot_token_id=None,
+                       pad_token_id=config.pad_token_id, path=f"<random {shape}>")
+
+
+def weights_copy_ms(model: torch.nn.Module, repeats: int = 5) -> float:
+    """Best time to copy every parameter once on its device (reads each weight
+    once; a scratch buffer of the largest parameter takes the writes)."""
+    params = [p.detach().reshape(-1) for p in model.parameters()]
+    scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(scratch.device)
+        started = time.perf_counter()
+        for p in params:
+            scratch[:p.numel()].copy_(p)
+        _sync(scratch.device)
+        best = min(best, time.perf_counter() - started)
+    return best * 1e3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint directory or hub id")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape, built on the device")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    parser.add_argument("--kv-cache", nargs="+", default=["none", "dual"], choices=("none", "prefix", "dual"))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="total steps (default: one token per step)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    started = time.perf_counter()
+    loaded = (synthetic_model(args.shape, device, dtype) if args.shape
+              else load_model(args.model, device=device, dtype=dtype))
+    load_s = time.perf_counter() - started
+    special = {loaded.mask_token_id, loaded.eos_token_id, loaded.pad_token_id, loaded.eot_token_id} - {None}
+    report = dict(model=args.model or args.shape, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                  threads=torch.get_num_threads(), load_s=round(load_s, 2),
+                  params=sum(p.numel() for p in loaded.model.parameters()), results=[])
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        report["weights_copy_ms"] = round(weights_copy_ms(loaded.model), 3)
+
+    for kv_cache in args.kv_cache:
+        core = EngineCore(loaded, kv_cache=kv_cache, max_batch_size=max(args.batch_sizes),
+                          max_num_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens))
+        core.warmup(prompt_len=args.prompt_len, block_length=args.block_length,
+                    batch_sizes=sorted(set(args.batch_sizes)))
+        for batch_size in args.batch_sizes:
+            step_log: list[tuple[float, bool]] = []
+            result = run_configuration(engine_generate(core, step_log), batch_size=batch_size,
+                                       prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                                       block_length=args.block_length, steps=args.steps,
+                                       vocab_size=loaded.config.vocab_size, special_ids=special)
+            full = [t for t, cached in step_log if not cached]
+            cached = [t for t, cached in step_log if cached]
+            result.update(kv_cache=kv_cache,
+                          full_step_ms=round(statistics.median(full) * 1e3, 3) if full else None,
+                          block_step_ms=round(statistics.median(cached) * 1e3, 3) if cached else None)
+            if "weights_copy_ms" in report and result["block_step_ms"]:
+                result["block_step_over_weights_copy"] = round(result["block_step_ms"] / report["weights_copy_ms"], 2)
+            report["results"].append(result)
+            print(f"kv={kv_cache:<6} batch={batch_size:<3} {result['tokens_per_s']:9.1f} tok/s "
+                  f"{result['steps_per_s']:8.1f} steps/s  full step {result['full_step_ms']} ms  "
+                  f"cached block step {result['block_step_ms']} ms", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

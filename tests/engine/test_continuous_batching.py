@@ -1,0 +1,223 @@
+"""Continuous batching: a request's tokens do not depend on the batch it runs
+in (padding, joins between steps, aborts of its neighbours), budgets and
+deadlines are honoured, and one failing step does not stop the engine."""
+
+import time
+
+import pytest
+import torch
+
+from dfastllm import SamplingParams
+from dfastllm.engine import EngineCore
+
+from .conftest import generate, prompt, run_all
+
+GREEDY = SamplingParams(max_tokens=16, block_length=8, steps=8, ignore_eos=True)
+
+
+def _requests(params=GREEDY):
+    return [("short", prompt(3), params), ("long", prompt(11, start=60), params),
+            ("mid", prompt(6, start=120), SamplingParams(max_tokens=12, block_length=4, steps=6, ignore_eos=True))]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("kv_cache", ["none", "dual"])
+def test_batched_equals_alone(family, kv_cache, request):
+    loaded = request.getfixturevalue(family)
+    together = generate(loaded, _requests(), kv_cache=kv_cache)
+    for rid, ids, params in _requests():
+        alone = generate(loaded, [(rid, ids, params)], kv_cache=kv_cache)
+        assert together[rid][0] == alone[rid][0], rid
+        assert len(alone[rid][0]) == params.max_tokens
+        assert together[rid][1].finish_reason == "length"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kv_cache", ["none", "dual"])
+def test_request_joins_between_steps(llada_gqa, kv_cache):
+    core = EngineCore(llada_gqa, kv_cache=kv_cache)
+    core.add_request("first", prompt(9), GREEDY)
+    collected = {"first": []}
+    for _ in range(3):
+        for out in core.step():
+            collected[out.request_id] += out.new_token_ids
+    assert core.num_running == 1
+    core.add_request("late", prompt(4, start=77), GREEDY)
+    assert core.num_waiting == 1  # joins at the next step, not before
+    rest = run_all(core)
+    assert core.stats.last_step_rows in (1, 2)
+    collected["first"] += rest["first"][0]
+    alone_first = generate(llada_gqa, [("first", prompt(9), GREEDY)], kv_cache=kv_cache)
+    alone_late = generate(llada_gqa, [("late", prompt(4, start=77), GREEDY)], kv_cache=kv_cache)
+    assert collected["first"] == alone_first["first"][0]
+    assert rest["late"][0] == alone_late["late"][0]
+
+
+@pytest.mark.timeout(60)
+def test_abort_frees_the_row_at_once(llada):
+    core = EngineCore(llada, kv_cache="dual", max_batch_size=2)
+    for rid, ids, params in _requests():
+        core.add_request(rid, ids, params)
+    core.step()
+    assert (core.num_running, core.num_waiting) == (2, 1)
+    assert core.abort("short")
+    assert (core.num_running, core.num_waiting) == (1, 1)
+    assert not core.abort("short")
+    assert not core.abort("never-added")
+    outputs = core.step()  # "mid" takes the freed row and is compacted beside "long"
+    assert core.num_running == 2 and core.num_waiting == 0
+    assert all(o.request_id != "short" for o in outputs)
+    mid = [t for o in outputs if o.request_id == "mid" for t in o.new_token_ids]
+    rest = run_all(core)
+    alone = generate(llada, [r for r in _requests() if r[0] == "mid"], kv_cache="dual")
+    assert mid + rest["mid"][0] == alone["mid"][0]
+    assert "short" not in rest
+
+
+@pytest.mark.timeout(60)
+def test_abort_waiting_request(llada):
+    core = EngineCore(llada, max_batch_size=1)
+    core.add_request("a", prompt(4), GREEDY)
+    core.add_request("b", prompt(4), GREEDY)
+    core.step()
+    assert core.abort("b")
+    assert core.num_waiting == 0
+    assert set(run_all(core)) == {"a"}
+
+
+def test_admission_is_fifo_within_budgets(llada):
+    params = SamplingParams(max_tokens=8, block_length=8, steps=2, ignore_eos=True)
+    # Canvases of 12 tokens; 3 rows x 12 = 36 > 30 tokens, so only two fit.
+    core = EngineCore(llada, max_batch_size=8, max_num_tokens=30)
+    for i in range(3):
+        core.add_request(f"r{i}", prompt(4), params)
+    core.step()
+    assert (core.num_running, core.num_waiting) == (2, 1)
+    run_all(core)
+    # A long head blocks a short request behind it: padded rows x longest counts.
+    core = EngineCore(llada, max_batch_size=8, max_num_tokens=40)
+    core.add_request("small", prompt(2), params)  # 10 tokens
+    core.add_request("big", prompt(20), params)  # 28 tokens: 2 x 28 = 56 > 40
+    core.add_request("tiny", prompt(1), params)
+    core.step()
+    assert (core.num_running, core.num_waiting) == (1, 2)
+    assert set(run_all(core)) == {"small", "big", "tiny"}
+
+
+@pytest.mark.timeout(60)
+def test_deadline(llada):
+    core = EngineCore(llada)
+    core.add_request("late", prompt(4), GREEDY, deadline=time.monotonic() - 1.0)
+    out, = core.step()
+    assert (out.request_id, out.finish_reason, out.num_steps) == ("late", "abort", 0)
+    assert "deadline" in out.error
+    core.add_request("running", prompt(4), GREEDY, deadline=time.monotonic() + 0.2)
+    core.add_request("patient", prompt(5), GREEDY)
+    core.step()
+    time.sleep(0.25)
+    outputs = core.step()
+    expired = [o for o in outputs if o.request_id == "running"]
+    assert expired and expired[0].finish_reason == "abort"
+    assert core.num_running == 1
+    assert run_all(core)["patient"][1].finish_reason == "length"
+
+
+@pytest.mark.timeout(60)
+def test_seeded_sampling_is_batch_independent(llada):
+    hot = SamplingParams(max_tokens=16, block_length=8, steps=8, temperature=0.9, seed=1234, ignore_eos=True)
+    other = SamplingParams(max_tokens=12, block_length=4, steps=12, temperature=1.0, seed=99, ignore_eos=True)
+    alone = generate(llada, [("x", prompt(5), hot)])["x"][0]
+    batched = generate(llada, [("y", prompt(9, start=70), other), ("x", prompt(5), hot)],
+                       kv_cache="none")["x"][0]
+    assert batched == alone
+    greedy = generate(llada, [("x", prompt(5), GREEDY)])["x"][0]
+    reseeded = SamplingParams(max_tokens=16, block_length=8, steps=8, temperature=0.9, seed=4321,
+                              ignore_eos=True)
+    # Sampling at t > 0 is not greedy, and the seed matters.
+    assert alone != greedy or generate(llada, [("x", prompt(5), reseeded)])["x"][0] != alone
+
+
+@pytest.mark.timeout(60)
+def test_unseeded_requests_follow_the_engine_seed(llada):
+    hot = SamplingParams(max_tokens=8, block_length=8, steps=4, temperature=1.0, ignore_eos=True)
+    a = generate(llada, [("x", prompt(5), hot)], seed=7)["x"][0]
+    b = generate(llada, [("x", prompt(5), hot)], seed=7)["x"][0]
+    assert a == b
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kv_cache", ["none", "prefix"])
+def test_eos_early_stop(llada, kv_cache):
+    params = SamplingParams(max_tokens=32, block_length=8, steps=16, ignore_eos=True)
+    full, last = generate(llada, [("x", prompt(6), params)], kv_cache=kv_cache)["x"]
+    # Stop at a token that first appears in the second block: the output ends
+    # before it, and the request ends at that block instead of running to 32.
+    stop_at = next(i for i in range(8, 32) if full[i] not in full[:i])
+    stop = SamplingParams(max_tokens=32, block_length=8, steps=16, ignore_eos=True,
+                          stop_token_ids=(full[stop_at],))
+    tokens, out = generate(llada, [("x", prompt(6), stop)], kv_cache=kv_cache)["x"]
+    assert tokens == full[:stop_at]
+    assert out.finish_reason == "stop" and out.num_generated_tokens == stop_at
+    assert out.num_steps < last.num_steps
+    # Without ignore_eos the model's EOS and end of turn stop it too.
+    ends = {llada.eos_token_id, llada.eot_token_id, full[stop_at]}
+    first_end = next(i for i, t in enumerate(full) if t in ends)
+    eos_params = SamplingParams(max_tokens=32, block_length=8, steps=16, stop_token_ids=(full[stop_at],))
+    assert generate(llada, [("x", prompt(6), eos_params)], kv_cache=kv_cache)["x"][0] == full[:first_end]
+
+
+@pytest.mark.timeout(60)
+def test_tokens_stream_as_the_prefix_commits(llada):
+    params = SamplingParams(max_tokens=16, block_length=4, steps=16, ignore_eos=True)
+    core = EngineCore(llada)
+    core.add_request("x", prompt(5), params)
+    chunks = []
+    while core.has_unfinished():
+        for out in core.step():
+            chunks.append((out.num_steps, out.new_token_ids))
+    assert len(chunks) >= 4  # at least once per block, before the request ends
+    assert chunks[0][0] <= 4
+    assert sum(len(c) for _, c in chunks) == 16
+
+
+@pytest.mark.timeout(60)
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(llada, monkeypatch):
+    core = EngineCore(llada, kv_cache="dual")
+    core.add_request("a", prompt(4), GREEDY)
+    core.add_request("b", prompt(7), GREEDY)
+    core.step()
+    model = llada.model
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(model, "forward", out_of_memory)
+    outputs = core.step()
+    assert {o.request_id: o.finish_reason for o in outputs} == {"a": "error", "b": "error"}
+    assert all("out of memory" in o.error for o in outputs)
+    assert not core.has_unfinished() and core.stats.requests_failed == 2
+    monkeypatch.undo()
+    core.add_request("a", prompt(4), GREEDY)  # the id is free again
+    tokens, out = run_all(core)["a"]
+    assert out.finish_reason == "length"
+    assert tokens == generate(llada, [("a", prompt(4), GREEDY)], kv_cache="dual")["a"][0]
+
+
+def test_bad_input(llada):
+    core = EngineCore(llada, max_model_len=64)
+    with pytest.raises(ValueError, match="empty"):
+        core.add_request("a", [], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        core.add_request("a", prompt(60), GREEDY)
+    with pytest.raises(ValueError, match="vocabulary"):
+        core.add_request("a", [5, llada.config.vocab_size], GREEDY)
+    with pytest.raises(ValueError, match="vocabulary"):
+        core.add_request("a", [-1, 5], GREEDY)
+    core.add_request("a", prompt(4), GREEDY)
+    with pytest.raises(ValueError, match="already"):
+        core.add_request("a", prompt(4), GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        EngineCore(llada, max_model_len=llada.config.max_seq_len + 1)
+    with pytest.raises(ValueError, match="kv_cache"):
+        EngineCore(llada, kv_cache="paged")
+    assert core.num_waiting == 1
