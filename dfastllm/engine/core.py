@@ -90,6 +90,7 @@ class EngineCore:
             dtype=weight.dtype, device=self.device, with_cache=kv_cache != "none",
             max_rows=max_batch_size, max_columns=self.max_model_len, fill_id=loaded.pad_token_id)
         self.stats = EngineStats()
+        self._queue_times: list[float] = []
         self._seeds = random.Random(seed)
         self._eos_ids = frozenset(i for i in (loaded.eos_token_id, loaded.eot_token_id) if i is not None)
 
@@ -152,6 +153,7 @@ class EngineCore:
         for r in running:
             if r.first_step_at is None:
                 r.first_step_at = now
+                self._queue_times.append(now - r.arrival)
         try:
             with torch.inference_mode():
                 batch = build_step(running, self.buffers.canvas, cache_mode=self.kv_cache,
@@ -187,14 +189,22 @@ class EngineCore:
         s.last_step_seconds = time.perf_counter() - started
         return outputs
 
+    def drain_queue_times(self) -> list[float]:
+        """Seconds from add_request to the first step of each request that
+        started since the last call (for a queue-time histogram)."""
+        times, self._queue_times = self._queue_times, []
+        return times
+
     def warmup(self, *, prompt_len: int = 16, block_length: int = 32, batch_sizes=(1, 4)) -> None:
         """Run short generations of the common shapes (one block, full and
-        cached steps, top-k and threshold) so the first real request does not
-        pay for lazy initialisation (allocator, kernels, autotuning)."""
+        cached steps, top-k and threshold, greedy and sampled) so the first
+        real request does not pay for lazy initialisation (allocator,
+        kernels, autotuning). Call it before serving; RuntimeError if a
+        warm-up step fails (e.g. the batch does not fit in device memory)."""
         max_tokens = min(block_length, self.max_model_len - prompt_len)
         prompt = [(7 * i + 3) % self.vocab_size for i in range(prompt_len)]
         prompt = [t if t != self.mask_id else (t + 1) % self.vocab_size for t in prompt]
-        stats = self.stats
+        stats = dataclasses.replace(self.stats)  # warm-up steps are not the service's
         for n in batch_sizes:
             n = min(n, self.scheduler.max_batch_size)
             for i in range(n):
@@ -202,8 +212,13 @@ class EngineCore:
                                         threshold=0.9 if i % 2 else None, temperature=0.0 if i % 2 else 0.7)
                 self.add_request(f"__warmup-{n}-{i}", prompt, params)
             while self.has_unfinished():
-                self.step()
+                failed = next((o for o in self.step() if o.finish_reason == "error"), None)
+                if failed is not None:
+                    for i in range(n):
+                        self.abort(f"__warmup-{n}-{i}")
+                    raise RuntimeError(f"warm-up failed: {failed.error}")
         self.stats = stats
+        self._queue_times.clear()
 
     # ---- internals ----------------------------------------------------------
     def _expire(self, now: float) -> list[RequestOutput]:

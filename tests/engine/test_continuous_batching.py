@@ -221,3 +221,19 @@ def test_bad_input(llada):
     with pytest.raises(ValueError, match="kv_cache"):
         EngineCore(llada, kv_cache="paged")
     assert core.num_waiting == 1
+
+
+@pytest.mark.timeout(60)
+def test_warmup_and_counters(llada):
+    core = EngineCore(llada, kv_cache="dual", max_batch_size=4)
+    core.warmup(prompt_len=8, block_length=8, batch_sizes=(1, 2))
+    assert not core.has_unfinished() and core.stats.steps == 0 and core.drain_queue_times() == []
+    results = generate(llada, _requests(), kv_cache="dual")  # reference tokens
+    for rid, ids, params in _requests():
+        core.add_request(rid, ids, params)
+    assert run_all(core) == results  # warm-up left no trace in the outputs
+    s = core.stats
+    assert s.steps == 8 and s.requests_finished == 3
+    assert s.tokens_committed == 16 + 16 + 12
+    assert s.rows_stepped == 8 + 8 + 6 and s.tokens_per_step == pytest.approx(44 / 22)
+    assert len(core.drain_queue_times()) == 3 and core.drain_queue_times() == []
