@@ -66,7 +66,8 @@ void sample_tokens(const std::string& device, int device_index, uintptr_t logits
   require(dtype >= 0 && dtype <= 2, op, "dtype", "must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", dtype);
   require(n_rows >= 0, op, "n_rows", "must be >= 0, got ", n_rows);
   require(vocab > 0, op, "vocab", "must be > 0, got ", vocab);
-  require(row_stride >= vocab || n_rows <= 1, op, "row_stride", "must be >= vocab (", vocab, "), got ", row_stride);
+  // Rows may overlap (stride 0 broadcasts one row): the kernel only reads them.
+  require(row_stride >= 0, op, "row_stride", "must be >= 0, got ", row_stride);
   require(confidence_mode >= 0 && confidence_mode <= 3, op, "confidence_mode",
           "must be 0 (low_confidence), 1 (random), 2 (margin) or 3 (entropy), got ", confidence_mode);
   require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
@@ -110,7 +111,7 @@ void commit_tokens(const std::string& device, int device_index, uintptr_t canvas
                    int64_t length, int64_t canvas_stride, uintptr_t cand_offsets,
                    uintptr_t cand_positions, uintptr_t tokens, uintptr_t confidence, int64_t n_cand,
                    uintptr_t k, uintptr_t threshold, int64_t mask_id, uintptr_t committed,
-                   int num_threads, uintptr_t stream) {
+                   uintptr_t eligible, int num_threads, uintptr_t stream) {
   constexpr const char* op = "commit_tokens";
   const Device dev = parse_device(device, device_index, op);
   require(batch >= 0, op, "batch", "must be >= 0, got ", batch);
@@ -127,6 +128,8 @@ void commit_tokens(const std::string& device, int device_index, uintptr_t canvas
   require_pointer(k, 4, true, op, "k");
   require_pointer(threshold, 4, true, op, "threshold");
   require_pointer(committed, 4, true, op, "committed");
+  require(dev == Device::kCpu || n_cand == 0 || eligible != 0, op, "eligible",
+          "must be a scratch buffer of n_cand bytes on the device for cuda");
 
   CommitTokensParams p{};
   p.canvas = reinterpret_cast<int64_t*>(canvas);
@@ -142,6 +145,7 @@ void commit_tokens(const std::string& device, int device_index, uintptr_t canvas
   p.threshold = reinterpret_cast<const float*>(threshold);
   p.mask_id = mask_id;
   p.committed = reinterpret_cast<int32_t*>(committed);
+  p.eligible = reinterpret_cast<uint8_t*>(eligible);
   p.num_threads = num_threads;
   p.device = device_index;
   p.stream = reinterpret_cast<void*>(stream);
@@ -171,7 +175,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("canvas"), py::arg("batch"), py::arg("length"), py::arg("canvas_stride"),
         py::arg("cand_offsets"), py::arg("cand_positions"), py::arg("tokens"), py::arg("confidence"),
         py::arg("n_cand"), py::arg("k"), py::arg("threshold"), py::arg("mask_id"), py::arg("committed"),
-        py::arg("num_threads"), py::arg("stream"),
+        py::arg("eligible"), py::arg("num_threads"), py::arg("stream"),
         "Commits chosen candidates into canvas in place and writes per-sequence counts.");
 
   // Known-answer hooks for the tests: the same Philox the kernels use.

@@ -18,7 +18,7 @@ struct SampleTokensParams {
   DType dtype;
   int64_t n_rows;
   int64_t vocab;
-  int64_t row_stride;  // in elements, >= vocab
+  int64_t row_stride;  // in elements, >= 0 (rows may overlap: they are only read)
 
   // Per-row values come from the array when it is non-null, else from the
   // scalar (offset: offset_scalar + row).
@@ -52,6 +52,7 @@ struct CommitTokensParams {
   const float* threshold;         // [batch]
   int64_t mask_id;
   int32_t* committed;             // [batch] out
+  uint8_t* eligible;              // CUDA: [n_cand] scratch for the masked-before-commit snapshot
   int num_threads;
   int device;
   void* stream;

@@ -47,6 +47,8 @@ def commit_tokens(
     committed = torch.empty(batch, dtype=torch.int32, device=device)
     if batch == 0:
         return committed
+    # The CUDA kernel snapshots "still masked" here before writing the canvas.
+    eligible = torch.empty(n_cand if device.type == "cuda" else 0, dtype=torch.uint8, device=device)
     _C.commit_tokens(
         **device_args(canvas),
         canvas=canvas.data_ptr(),
@@ -62,6 +64,7 @@ def commit_tokens(
         threshold=threshold.data_ptr(),
         mask_id=mask_id,
         committed=committed.data_ptr(),
+        eligible=eligible.data_ptr() if eligible.numel() else 0,
         num_threads=torch.get_num_threads(),
     )
     return committed

@@ -1,0 +1,353 @@
+// sample_tokens on CUDA: one block of kThreads per row.
+//
+// Each warp owns one contiguous segment of the row (so segments are in
+// column order) and streams it with 16-byte loads, keeping an online
+// softmax state per thread: running max, sum exp(x - max) at temperature 1
+// and at t, first argmax, top-2, entropy sum. Warp shuffles and shared
+// memory merge the states. For t > 0 the inverse-CDF draw walks the
+// per-warp sums to the segment holding u * total, and the whole block
+// rescans only that segment (1/kWarps of the row, mostly from L2) with a
+// block prefix sum. Semantics: dfastllm/ops/reference.py.
+#include <cfloat>
+#include <climits>
+#include <cmath>
+
+#include "kernels/cuda_common.cuh"
+#include "kernels/dispatch.h"
+#include "kernels/params.h"
+#include "kernels/philox.h"
+
+namespace dfastllm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
+
+enum class Draw { kGreedy, kUnitTemperature, kTemperature };
+
+// Online softmax state over some columns; sums are relative to m.
+struct RowState {
+  float m = kNegInf;
+  float z1 = 0.0f;  // sum exp(x - m)
+  float zt = 0.0f;  // sum exp((x - m) / t), t != 1 only
+  float s1 = 0.0f;  // sum exp(x - m) * (x - m), entropy only
+  float top1 = kNegInf, top2 = kNegInf;  // margin only
+  long long idx = LLONG_MAX;             // first column holding m
+
+  // Re-expresses the sums against a larger max.
+  __device__ __forceinline__ void raise_max(float new_m, float inv_t) {
+    const float delta = m == kNegInf ? 0.0f : m - new_m;  // sums are 0 while m is -inf
+    const float scale = ex2_approx(delta * kLog2e);
+    s1 = scale * (s1 + delta * z1);
+    z1 *= scale;
+    zt *= ex2_approx(delta * inv_t * kLog2e);
+    m = new_m;
+  }
+
+  __device__ __forceinline__ void merge(const RowState& o, float inv_t) {
+    const bool take_idx = o.m > m || (o.m == m && o.idx < idx);
+    const float new_m = fmaxf(m, o.m);
+    RowState a = *this, b = o;
+    if (new_m != kNegInf) {
+      a.raise_max(new_m, inv_t);
+      b.raise_max(new_m, inv_t);
+    }
+    z1 = a.z1 + b.z1;
+    zt = a.zt + b.zt;
+    s1 = a.s1 + b.s1;
+    if (take_idx) idx = o.idx;
+    m = new_m;
+    const float lo = fminf(top1, o.top1);
+    top1 = fmaxf(top1, o.top1);
+    top2 = fmaxf(lo, fmaxf(top2, o.top2));
+  }
+
+  __device__ __forceinline__ void shuffle_merge(int lane_mask, float inv_t) {
+    RowState o;
+    o.m = __shfl_xor_sync(0xffffffffu, m, lane_mask);
+    o.z1 = __shfl_xor_sync(0xffffffffu, z1, lane_mask);
+    o.zt = __shfl_xor_sync(0xffffffffu, zt, lane_mask);
+    o.s1 = __shfl_xor_sync(0xffffffffu, s1, lane_mask);
+    o.top1 = __shfl_xor_sync(0xffffffffu, top1, lane_mask);
+    o.top2 = __shfl_xor_sync(0xffffffffu, top2, lane_mask);
+    o.idx = __shfl_xor_sync(0xffffffffu, idx, lane_mask);
+    merge(o, inv_t);
+  }
+};
+
+template <ConfidenceMode Mode, Draw D>
+struct Needs {
+  static constexpr bool kZ1 = Mode != ConfidenceMode::kRandom || D == Draw::kUnitTemperature;
+  static constexpr bool kZt = D == Draw::kTemperature;
+};
+
+// Folds kN consecutive columns starting at `col` into the thread's state.
+template <ConfidenceMode Mode, Draw D, int kN>
+__device__ __forceinline__ void consume(const float* x, long long col, float inv_t, RowState& st) {
+  float local_max = kNegInf;
+  int local_idx = 0;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    if (x[j] > local_max) local_max = x[j], local_idx = j;  // NaN never wins
+  }
+  if (local_max > st.m) {
+    st.raise_max(local_max, inv_t);
+    st.idx = col + local_idx;
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    const float d = x[j] - st.m;
+    if constexpr (Needs<Mode, D>::kZ1) {
+      const float d1 = fmaxf(d, kExpFloor);
+      const float e = ex2_approx(d1 * kLog2e);
+      st.z1 += e;
+      if constexpr (Mode == ConfidenceMode::kEntropy) st.s1 += e * d1;
+    }
+    if constexpr (Needs<Mode, D>::kZt) st.zt += exp_clamped(d * inv_t);
+    if constexpr (Mode == ConfidenceMode::kMargin) {
+      if (x[j] > st.top1) {
+        st.top2 = st.top1;
+        st.top1 = x[j];
+      } else if (x[j] > st.top2) {
+        st.top2 = x[j];
+      }
+    }
+  }
+}
+
+// One warp streams columns [begin, end) of the row (begin is kVec-aligned).
+template <typename T, ConfidenceMode Mode, Draw D, int kVec>
+__device__ void scan_segment(const T* row, long long begin, long long end, float inv_t, RowState& st) {
+  const int lane = threadIdx.x & 31;
+  const long long n_vec = (end - begin) / kVec;
+  for (long long v0 = 0; v0 < n_vec; v0 += 32 * kUnroll) {
+    float x[kUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const long long v = v0 + u * 32 + lane;
+      if (v < n_vec) {
+        Loader<T, kVec>::load(row + begin + v * kVec, x[u]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[u][j] = kNegInf;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      consume<Mode, D, kVec>(x[u], begin + (v0 + u * 32 + lane) * kVec, inv_t, st);
+    }
+  }
+  for (long long c = begin + n_vec * kVec + lane; c < end; c += 32) {
+    const float x = to_float(row[c]);
+    consume<Mode, D, 1>(&x, c, inv_t, st);
+  }
+}
+
+// Exclusive prefix sum over the block (thread order).
+__device__ float block_exclusive_sum(float v, float* warp_sums) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float inclusive = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float n = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += n;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  float before = 0.0f;
+  for (int w = 0; w < warp; ++w) before += warp_sums[w];
+  __syncthreads();
+  return before + inclusive - v;
+}
+
+struct DrawPlan {
+  long long begin, end;  // the segment holding the target
+  float residual;        // target minus the mass before the segment
+};
+
+__device__ __forceinline__ long long segment_length(long long vocab, int kVec) {
+  const long long per_warp = (vocab + kWarps - 1) / kWarps;
+  return (per_warp + kVec - 1) / kVec * kVec;
+}
+
+// Inverse CDF inside one segment: the first column whose running mass
+// exceeds the residual; falls back to the segment's last column with mass,
+// then to the row's argmax, when rounding between the sweeps leaves none.
+template <typename T, Draw D, int kVec>
+__device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float row_max, float inv_t,
+                                     long long argmax, float* warp_sums, long long* shared_idx) {
+  const long long len = plan.end - plan.begin;
+  const long long per_thread = ((len + kThreads - 1) / kThreads + kVec - 1) / kVec * kVec;
+  const long long lo = plan.begin + min(len, per_thread * threadIdx.x);
+  const long long hi = plan.begin + min(len, per_thread * (threadIdx.x + 1));
+  auto mass = [&](float x) { return exp_clamped(D == Draw::kTemperature ? (x - row_max) * inv_t : x - row_max); };
+  float sum = 0.0f;
+  long long last_positive = -1;
+  for (long long c = lo; c < hi; c += kVec) {
+    float x[kVec];
+    if (c + kVec <= hi) {
+      Loader<T, kVec>::load(row + c, x);
+    } else {
+      for (int j = 0; j < kVec; ++j) x[j] = c + j < hi ? to_float(row[c + j]) : kNegInf;
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float e = mass(x[j]);
+      sum += e;
+      if (e > 0.0f) last_positive = c + j;
+    }
+  }
+  const float before = block_exclusive_sum(sum, warp_sums);
+  if (threadIdx.x == 0) *shared_idx = -1;
+  __syncthreads();
+  if (sum > 0.0f && before <= plan.residual && plan.residual < before + sum) {
+    float run = before;
+    long long chosen = last_positive;
+    for (long long c = lo; c < hi; ++c) {
+      const float e = mass(to_float(row[c]));
+      if (e > 0.0f) {
+        run += e;
+        if (run > plan.residual) {
+          chosen = c;
+          break;
+        }
+      }
+    }
+    *shared_idx = chosen;
+  }
+  __syncthreads();
+  if (*shared_idx >= 0) return *shared_idx;
+  // No thread holds the target: the last column with mass in the segment.
+  long long last = last_positive;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+  if ((threadIdx.x & 31) == 0) reinterpret_cast<long long*>(warp_sums)[threadIdx.x >> 5] = last;
+  __syncthreads();
+  long long best = -1;
+  for (int w = 0; w < kWarps; ++w) best = max(best, reinterpret_cast<long long*>(warp_sums)[w]);
+  return best >= 0 ? best : argmax;
+}
+
+template <typename T, ConfidenceMode Mode, Draw D, int kVec>
+__device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t, const RowUniforms& u) {
+  __shared__ RowState warp_states[kWarps];
+  __shared__ RowState row_state;
+  __shared__ DrawPlan plan;
+  __shared__ __align__(8) float scratch[2 * kWarps];
+  __shared__ long long chosen;
+
+  const T* row = static_cast<const T*>(p.logits) + r * p.row_stride;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long seg = segment_length(p.vocab, kVec);
+  const long long seg_begin = min((long long)p.vocab, seg * warp);
+  const long long seg_end = min((long long)p.vocab, seg_begin + seg);
+
+  RowState st;
+  scan_segment<T, Mode, D, kVec>(row, seg_begin, seg_end, inv_t, st);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) st.shuffle_merge(o, inv_t);
+  if (lane == 0) warp_states[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    RowState w = lane < kWarps ? warp_states[lane] : RowState{};
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) w.shuffle_merge(o, inv_t);
+    if (lane == 0) {
+      row_state = w;
+      if (D != Draw::kGreedy && w.m != kNegInf) {
+        // Walk the segments' masses (each against its own max) in order.
+        double total = 0.0;
+        for (int i = 0; i < kWarps; ++i) {
+          const RowState& s = warp_states[i];
+          const float z = D == Draw::kTemperature ? s.zt : s.z1;
+          if (z > 0.0f) total += double(z) * exp((double(s.m) - w.m) * inv_t);
+        }
+        const double target = u.sample * total;
+        double cum = 0.0;
+        int chosen_seg = 0;
+        for (int i = 0; i < kWarps; ++i) {
+          const RowState& s = warp_states[i];
+          const float z = D == Draw::kTemperature ? s.zt : s.z1;
+          const double mass = z > 0.0f ? double(z) * exp((double(s.m) - w.m) * inv_t) : 0.0;
+          if (mass <= 0.0) continue;
+          chosen_seg = i;
+          if (cum + mass > target) break;
+          cum += mass;
+        }
+        plan.begin = min((long long)p.vocab, seg * chosen_seg);
+        plan.end = min((long long)p.vocab, plan.begin + seg);
+        plan.residual = float(target - cum);
+      }
+    }
+  }
+  __syncthreads();
+  const RowState total = row_state;
+  if (total.m == kNegInf) {  // no finite logit
+    if (threadIdx.x == 0) {
+      p.tokens[r] = 0;
+      p.confidence[r] = Mode == ConfidenceMode::kRandom ? u.confidence : __int_as_float(0x7fc00000);
+    }
+    return;
+  }
+  long long token = total.idx;
+  if constexpr (D != Draw::kGreedy) {
+    token = draw_in_segment<T, D, kVec>(row, plan, total.m, inv_t, total.idx, scratch, &chosen);
+  }
+  if (threadIdx.x != 0) return;
+  p.tokens[r] = token;
+  float conf = 0.0f;
+  if constexpr (Mode == ConfidenceMode::kLowConfidence) {
+    conf = float(exp(double(to_float(row[token])) - total.m) / total.z1);
+  } else if constexpr (Mode == ConfidenceMode::kRandom) {
+    conf = u.confidence;
+  } else if constexpr (Mode == ConfidenceMode::kMargin) {
+    conf = float((1.0 - exp(double(total.top2) - total.top1)) / total.z1);
+  } else {
+    conf = float(double(total.s1) / total.z1 - log(double(total.z1)));
+  }
+  p.confidence[r] = conf;
+}
+
+template <typename T, ConfidenceMode Mode, int kVec>
+__global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const SampleTokensParams p) {
+  const long long r = blockIdx.x;
+  const float t = p.temperature ? p.temperature[r] : p.temperature_scalar;
+  const int64_t seed = p.seed ? p.seed[r] : p.seed_scalar;
+  const int64_t offset = p.offset ? p.offset[r] : int64_t(uint64_t(p.offset_scalar) + uint64_t(r));
+  const RowUniforms u = row_uniforms(seed, offset);
+  const float inv_t = 1.0f / t;
+  if (!(t > 0.0f) || !isfinite(inv_t)) {
+    sample_row<T, Mode, Draw::kGreedy, kVec>(p, r, 1.0f, u);
+  } else if (t == 1.0f) {
+    sample_row<T, Mode, Draw::kUnitTemperature, kVec>(p, r, 1.0f, u);
+  } else {
+    sample_row<T, Mode, Draw::kTemperature, kVec>(p, r, inv_t, u);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+void sample_tokens_cuda(const SampleTokensParams& p) {
+  if (p.n_rows > INT_MAX) throw std::invalid_argument("sample_tokens: n_rows must be < 2^31 on CUDA");
+  cuda::DeviceGuard guard(p.device);
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  DFASTLLM_DISPATCH_DTYPE(p.dtype, T, [&] {
+    DFASTLLM_DISPATCH_MODE(p.confidence_mode, Mode, [&] {
+      constexpr int kVec = cuda::kVecElems<T>;
+      const bool aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 &&
+                           (p.row_stride * int64_t(sizeof(T))) % 16 == 0;
+      const dim3 grid(unsigned(p.n_rows)), block(cuda::kThreads);
+      if (aligned) {
+        cuda::sample_tokens_kernel<T, Mode, kVec><<<grid, block, 0, stream>>>(p);
+      } else {
+        cuda::sample_tokens_kernel<T, Mode, 1><<<grid, block, 0, stream>>>(p);
+      }
+    });
+  });
+  cuda::check(cudaGetLastError(), "sample_tokens kernel launch");
+}
+
+}  // namespace dfastllm
