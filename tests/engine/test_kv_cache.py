@@ -31,7 +31,11 @@ CACHED = ["dual", "prefix"]
 
 def _mixed(max_tokens=16, block_length=4, steps=8):
     params = SamplingParams(max_tokens=max_tokens, block_length=block_length, steps=steps, ignore_eos=True)
-    return [("a", prompt(5), params), ("b", prompt(12, start=80), params), ("c", prompt(2, start=33), params)]
+    # "d" ends with a shorter block (max_tokens not a multiple of block_length).
+    short_last = SamplingParams(max_tokens=max_tokens - 2, block_length=min(block_length, max_tokens - 2),
+                                steps=steps, ignore_eos=True)
+    return [("a", prompt(5), params), ("b", prompt(12, start=80), params), ("c", prompt(2, start=33), params),
+            ("d", prompt(7, start=140), short_last)]
 
 
 @pytest.mark.timeout(60)
@@ -39,8 +43,10 @@ def _mixed(max_tokens=16, block_length=4, steps=8):
 @pytest.mark.parametrize("kv_cache", CACHED)
 def test_cached_modes_fill_every_mask(family, kv_cache, request):
     loaded = request.getfixturevalue(family)
-    for rid, (tokens, out) in generate(loaded, _mixed(), kv_cache=kv_cache).items():
-        assert len(tokens) == 16 and loaded.mask_token_id not in tokens, rid
+    results = generate(loaded, _mixed(), kv_cache=kv_cache)
+    for rid, ids, params in _mixed():
+        tokens, out = results[rid]
+        assert len(tokens) == params.max_tokens and loaded.mask_token_id not in tokens, rid
         assert out.finish_reason == "length" and out.num_steps == 8
 
 
