@@ -109,6 +109,7 @@ class DiffusionTransformer(nn.Module):
         x = self.embed(input_ids)                                                # [B, T, D]
         rope_dtype = torch.float32 if self.rope_in_fp32 else x.dtype
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, rope_dtype)
+        attn_mask = grouped_mask(attn_mask, self.config.n_heads // self.config.n_kv_heads)
         for i, layer in enumerate(self.layers):
             cache_kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x = layer(x, cos, sin, attn_mask, cache_kv, cache_positions)
@@ -160,20 +161,23 @@ def write_cache(cache_kv, cache_positions, k, v):
     return k_cache, v_cache
 
 
+def grouped_mask(attn_mask, group: int):
+    """[B, 1, T, S] -> [B, 1, group*T, S] for `grouped_sdpa`, built once per
+    forward rather than in every layer."""
+    if attn_mask is None or group == 1:
+        return attn_mask
+    return attn_mask.repeat(1, 1, group, 1)
+
+
 def grouped_sdpa(q, k, v, attn_mask):
     """Bidirectional SDPA with grouped-query heads: q [B, H, T, D], k/v [B, Hkv, S, D],
-    attn_mask [B, 1, T, S] bool or None -> [B, H, T, D].
+    attn_mask [B, 1, G*T, S] bool (from `grouped_mask`) or None -> [B, H, T, D].
 
     The query heads sharing one K/V head are folded into the query length
     instead of repeating K/V (no copy of a long cache; works with every SDPA
     backend that accepts a mask, unlike `enable_gqa`)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    group = H // Hkv
-    if group == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    q = q.reshape(B, Hkv, group * T, D)             # head h = kv head h // group
-    if attn_mask is not None:
-        attn_mask = attn_mask.repeat(1, 1, group, 1)                            # [B, 1, G*T, S]
+    q = q.reshape(B, Hkv, (H // Hkv) * T, D)        # head h = kv head h // group
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)           # [B, Hkv, G*T, D]
     return y.reshape(B, H, T, D)
