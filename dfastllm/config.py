@@ -42,7 +42,7 @@ class ServerConfig:
                            choices=("none", "prefix", "dual"))
     max_model_len: int | None = _field(None, "prompt + max_tokens limit; default: the model's max_sequence_length")
     max_batch_size: int = _field(32, "most requests decoded together in one denoising step")
-    max_num_tokens: int = _field(16384, "most canvas tokens (prompt + generation) in the running batch")
+    max_num_tokens: int = _field(16384, "most canvas tokens in the running batch, counted as rows x longest canvas (prompt + generation)")
     warmup: bool = _field(True, "run a short generation of the common shapes before reporting ready")
     # --- diffusion defaults for requests that do not say ---
     default_max_tokens: int = _field(128, "max_tokens when a request omits it", runtime=True)
