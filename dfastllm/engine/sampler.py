@@ -60,6 +60,11 @@ def sample_and_commit(head, hidden: torch.Tensor, batch, canvas: torch.Tensor, m
     candidate tensors); canvas [B, L] is updated in place."""
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.hidden_index)  # [N, D]
     logits = head(rows)  # [N, V]
+    # Never propose the mask token: committing it would leave the cell masked
+    # and a block whose model keeps predicting it would never finish. (The
+    # public reference can commit it and then stalls the same way; a trained
+    # model gives it ~0 probability, so this changes nothing there.)
+    logits[:, mask_id] = float("-inf")
     if batch.top_p_rows is not None:
         filtered = top_p_filter(logits.index_select(0, batch.top_p_rows), batch.top_p_values)
         logits.index_copy_(0, batch.top_p_rows, filtered)

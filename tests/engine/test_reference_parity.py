@@ -7,6 +7,11 @@ outside the current block and on committed positions, per-sequence topk,
 `get_num_transfer_tokens`. It shares nothing with the engine but the model's
 forward and head. The engine stops at the first EOS / end of turn, so the
 reference's final canvas is compared truncated there.
+
+One rule is added to the public reference, as the engine has it: the mask
+token is never proposed. A trained model gives it ~0 probability, so this is
+the reference's behaviour on real checkpoints; on random tiny ones the public
+code can "commit" a mask, which leaves the cell masked and stalls the block.
 """
 
 import dataclasses
@@ -50,6 +55,7 @@ def reference_generate(loaded, prompt_ids, gen_length, block_length, steps) -> l
             logits = model.head(model(x, positions))  # [1, L, V]
             if model.logits_shift:  # Dream: position i is predicted from hidden i - 1
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            logits[..., mask_id] = -torch.inf
             x0 = torch.argmax(logits, dim=-1)
             p = F.softmax(logits.float(), dim=-1)
             x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)

@@ -84,3 +84,20 @@ def test_mixed_rules_in_one_batch_equal_alone(llada):
     for rid, ids, params in requests:
         assert together[rid][0] == generate(llada, [(rid, ids, params)])[rid][0], rid
         assert len(together[rid][0]) == 8
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_a_model_that_prefers_the_mask_token_still_finishes(tmp_path, threshold):
+    # Committing the mask token would leave the cell masked forever (this
+    # hung threshold decoding); the sampler never proposes it.
+    from dfastllm.models import load_model
+    from dfastllm.testing import write_tiny_llada
+
+    loaded = load_model(write_tiny_llada(tmp_path, seed=21))
+    with torch.no_grad():
+        loaded.model.output.weight[loaded.mask_token_id] *= 50.0
+    params = SamplingParams(max_tokens=16, block_length=16, steps=8, threshold=threshold, ignore_eos=True)
+    tokens, out = generate(loaded, [("x", prompt(3), params)])["x"]
+    assert len(tokens) == 16 and loaded.mask_token_id not in tokens
+    assert out.finish_reason == "length"
