@@ -166,8 +166,6 @@ PYBIND11_MODULE(_ipc, m) {
     }
   });
 
-  m.def("monotonic_ns", &monotonic_ns, "CLOCK_MONOTONIC in ns (same clock as time.monotonic_ns()).");
-
   py::class_<Segment, std::shared_ptr<Segment>>(m, "Segment", "A mapped POSIX shared-memory segment.")
       .def_static("create", &Segment::create, py::arg("name"), py::arg("size"),
                   "Create and map a new zeroed segment; FileExistsError if the name is taken.")
@@ -187,17 +185,6 @@ PYBIND11_MODULE(_ipc, m) {
              return s.word64(off)->fetch_add(static_cast<uint64_t>(delta), std::memory_order_acq_rel);
            },
            py::arg("offset"), py::arg("delta"), "Atomic add (wraps mod 2^64); returns the old value.")
-      .def("read",
-           [](const Segment& s, size_t off, size_t n) {
-             s.check_range(off, n, 1);
-             return py::bytes(reinterpret_cast<const char*>(s.data() + off), n);
-           })
-      .def("write",
-           [](const Segment& s, size_t off, const py::handle& data) {
-             BytesView bytes(data);
-             s.check_range(off, bytes.size(), 1);
-             std::memcpy(s.data() + off, bytes.data(), bytes.size());
-           })
       .def("futex_wait",
            [](const Segment& s, size_t off, uint32_t expected, std::optional<double> timeout) {
              auto* word = s.word32(off);
@@ -237,6 +224,8 @@ PYBIND11_MODULE(_ipc, m) {
 
   py::class_<Doorbell>(m, "Doorbell", "A futex word plus a sleeper count: wakes cost a syscall only when someone sleeps.")
       .def("ring", &Doorbell::ring, "Wake sleepers, if any (cheap when nobody sleeps).")
+      .def("reset", &Doorbell::reset,
+           "Forget sleepers left counted by a process that died mid-wait, and wake any real one.")
       .def("wait_any", &wait_any, py::arg("rings"), py::arg("timeout") = py::none(),
            "Sleep until a ring has a message, the bell rings or the timeout passes; True iff a ring is readable.")
       .def_property_readonly("waiters", &Doorbell::waiters);

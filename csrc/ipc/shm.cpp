@@ -65,7 +65,7 @@ std::shared_ptr<Segment> Segment::create(const std::string& name, size_t size) {
     ::shm_unlink(path.c_str());
     throw;
   }
-  return std::shared_ptr<Segment>(new Segment(path, base, size, true));
+  return std::shared_ptr<Segment>(new Segment(path, base, size));
 }
 
 std::shared_ptr<Segment> Segment::attach(const std::string& name) {
@@ -79,7 +79,7 @@ std::shared_ptr<Segment> Segment::attach(const std::string& name) {
   if (::fstat(fd.get(), &st) != 0) throw SystemError(errno_text("fstat", path, errno));
   if (st.st_size <= 0) throw InvalidError("shared-memory segment '" + path + "' is empty");
   size_t size = static_cast<size_t>(st.st_size);
-  return std::shared_ptr<Segment>(new Segment(path, map(fd.get(), size, path), size, false));
+  return std::shared_ptr<Segment>(new Segment(path, map(fd.get(), size, path), size));
 }
 
 bool Segment::unlink(const std::string& name) {

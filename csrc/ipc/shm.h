@@ -39,7 +39,6 @@ class Segment {
   uint8_t* data() const { return base_; }
   size_t size() const { return size_; }
   const std::string& name() const { return name_; }
-  bool created() const { return created_; }
 
   // Checked access to an aligned word at a byte offset.
   std::atomic<uint64_t>* word64(size_t offset) const;
@@ -47,12 +46,10 @@ class Segment {
   void check_range(size_t offset, size_t length, size_t align) const;
 
  private:
-  Segment(std::string name, uint8_t* base, size_t size, bool created)
-      : name_(std::move(name)), base_(base), size_(size), created_(created) {}
+  Segment(std::string name, uint8_t* base, size_t size) : name_(std::move(name)), base_(base), size_(size) {}
   std::string name_;
   uint8_t* base_;
   size_t size_;
-  bool created_;
 };
 
 // Absolute CLOCK_MONOTONIC deadline; a negative timeout means "forever".
@@ -135,7 +132,6 @@ class Doorbell {
     words_->waiters.store(0, std::memory_order_relaxed);
     wake_all();
   }
-  const std::shared_ptr<Segment>& segment() const { return segment_; }
 
  private:
   std::shared_ptr<Segment> segment_;

@@ -161,6 +161,9 @@ class ControlBlock:
         s = self.segment
         generation = s.fetch_add_u64(_GENERATION, 1) + 1
         s.store_u64(_ENGINE_PID, os.getpid() if pid is None else pid)
+        # The engine is the doorbell's only sleeper: a predecessor that died
+        # asleep must not leave every worker put paying for a wake syscall.
+        self.doorbell.reset()
         self.beat()
         self.set_state(EngineState.LOADING)
         return generation

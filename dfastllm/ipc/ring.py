@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -122,6 +123,8 @@ class RingSender:
     """Non-blocking, lossless producer for the engine loop: `send` writes
     now if it can, else queues; `flush` retries the queue in order."""
 
+    FLUSH_CHUNK = 256
+
     def __init__(self, ring: Ring):
         self.ring = ring
         self._backlog: collections.deque[bytes] = collections.deque()
@@ -147,11 +150,14 @@ class RingSender:
     def flush(self) -> bool:
         """Write as much backlog as fits; True when the backlog is empty."""
         while self._backlog:
-            written = self.ring.try_put_many(list(self._backlog))
-            if written == 0:
-                return False
+            # In chunks: a long backlog behind a full ring costs one small
+            # attempt per flush, not a pass over all of it.
+            chunk = list(itertools.islice(self._backlog, self.FLUSH_CHUNK))
+            written = self.ring.try_put_many(chunk)
             for _ in range(written):
                 self._backlog.popleft()
+            if written < len(chunk):
+                return False
         return True
 
     def clear(self) -> None:

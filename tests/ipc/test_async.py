@@ -127,3 +127,14 @@ def test_sender_queues_what_does_not_fit_and_flushes_in_order(ring):
     assert sender.send(b"after") is False  # behind the backlog even though it would fit
     sender.clear()
     assert sender.backlog == 0
+
+
+def test_sender_long_backlog_flushes_in_order(ring):
+    sender = RingSender(ring)
+    messages = [struct.pack("<I", i) for i in range(1000)]  # 16-byte frames: 256 fit at a time
+    sender.send_many(messages)
+    received = []
+    while sender.backlog or len(received) < 1000:
+        received += ring.get_many()
+        sender.flush()
+    assert received == messages

@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import os
+import threading
 import time
 
 import pytest
@@ -167,3 +168,38 @@ def test_config_capacity_is_enforced(base_name):
         assert control.read_config() == (1, b"y" * 100)
     finally:
         control.unlink()
+
+
+def test_futex_wait_and_wake_on_a_shared_word(control, base_name):
+    other = ControlBlock.attach(base_name).segment
+    offset = 40  # an unused word of the header line
+    start = time.monotonic()
+    assert control.segment.futex_wait(offset, 0, 0.1) is False  # word is 0: sleeps until the timeout
+    assert time.monotonic() - start >= 0.09
+    assert control.segment.futex_wait(offset, 7, 5) is True  # word is not 7: returns at once
+
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(control.segment.futex_wait(offset, 0, 10)))
+    waiter.start()
+    time.sleep(0.1)
+    other.store_u64(offset, 1)
+    other.futex_wake(offset)
+    waiter.join(5)
+    assert woke == [True] and time.monotonic() - start < 5
+
+
+def sleep_on_doorbell(name: str) -> None:
+    ControlBlock.attach(name).doorbell.wait_any([], 60)
+
+
+def test_engine_start_forgets_a_dead_engines_sleep(control, base_name):
+    dead_engine = SPAWN.Process(target=sleep_on_doorbell, args=(base_name,))
+    dead_engine.start()
+    deadline = time.monotonic() + 20
+    while control.doorbell.waiters == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dead_engine.kill()  # SIGKILL mid-wait: its sleeper count stays behind
+    dead_engine.join()
+    assert control.doorbell.waiters == 1
+    control.engine_started()
+    assert control.doorbell.waiters == 0

@@ -5,6 +5,8 @@ engine loop in the test process (doorbell, slot table, dead-owner reclaim)."""
 import asyncio
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -223,3 +225,9 @@ def test_remove_stale_segments_spares_live_runs(base_name):
     finally:
         for name in stale + live:
             Segment.unlink(name)
+
+
+def test_ipc_imports_no_torch():
+    code = ("import sys, dfastllm.ipc, dfastllm.ipc.channels, dfastllm.ipc.messages, dfastllm.ipc.ring; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
