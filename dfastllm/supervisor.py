@@ -130,11 +130,11 @@ class Supervisor:
             code = self.engine.poll()
             if code is not None:
                 self._engine_died(code)
+                if self._failures_before_ready >= self.config.engine_restart_limit:
+                    logger.error("the engine failed %d times in a row before becoming ready; giving up",
+                                 self._failures_before_ready)
+                    return False
         if self.engine is None and self._restart_at is not None and time.monotonic() >= self._restart_at:
-            if self._failures_before_ready >= self.config.engine_restart_limit:
-                logger.error("the engine failed %d times in a row before becoming ready; giving up",
-                             self._failures_before_ready)
-                return False
             self._restart_at = None
             self.start_engine()
         if self.granian is not None and self.granian.poll() is not None:

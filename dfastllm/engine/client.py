@@ -225,7 +225,7 @@ class _ClientBase:
                 if not ack.done():
                     ack.set_exception(EngineUnavailable(message))
         if failed:
-            logger.error("engine failure ended %d open request(s): %s", len(failed), message)
+            logger.warning("ended %d open request(s): %s", len(failed), message)
 
     def _abandon(self, stream: RequestStream) -> None:
         if self._streams.get(stream.request_id) is stream:
@@ -298,8 +298,10 @@ class EngineClient(_ClientBase):
             return
         self._watchdog.cancel()
         self._fail_open("the worker is shutting down")
-        self._endpoint.release()
+        # The reader must be asleep no more when the slot goes back: the
+        # engine then resets the rings, sleeper counts included.
         await asyncio.to_thread(self._reader.stop)
+        self._endpoint.release()
         self._endpoint = None
 
     def state(self) -> EngineSnapshot:
@@ -338,11 +340,16 @@ class InProcessEngineClient(_ClientBase):
     process: the same admission, codec and answers as the engine process,
     without rings. For tests and for embedding the engine in an application.
 
-    `engine` is an EngineCore, or a LoadedModel to build one from `config`."""
+    `engine` is an EngineCore, or a LoadedModel to build one from `config`.
+    Its metrics live in `metrics_registry` (this process only)."""
 
-    def __init__(self, engine, config: ServerConfig | None = None, *, metrics=None) -> None:
+    def __init__(self, engine, config: ServerConfig | None = None) -> None:
         super().__init__()
+        from dfastllm.engine.metrics import EngineMetrics
+
         config = config or ServerConfig()
+        metrics = EngineMetrics()
+        self.metrics_registry = metrics.registry
         if not hasattr(engine, "step"):  # a LoadedModel
             from dfastllm.engine.core import EngineCore
 
@@ -405,7 +412,7 @@ class InProcessEngineClient(_ClientBase):
                     handle = self.router.submit if isinstance(msg, Submit) else self.router.cancel
                     replies += handle(self.slot, msg)
                 if self.core.has_unfinished():
-                    replies += self.router.route(self.core.step())
+                    replies += self.router.step()
                 self._heartbeat = time.monotonic()
                 if replies:
                     self._loop.call_soon_threadsafe(self._on_batch, [encode(msg) for _, msg in replies])

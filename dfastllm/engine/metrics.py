@@ -53,7 +53,7 @@ class EngineMetrics:
                                          "Tokens committed per request per denoising step (average over a "
                                          "finished request)", buckets=TOKENS_PER_STEP_BUCKETS, registry=r)
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
-                                    "Time from arrival at the engine to the first step that decoded the request",
+                                    "Time from arrival at the engine to the first denoising step of the request",
                                     buckets=QUEUE_TIME_BUCKETS, registry=r)
         # Same name as the workers' counter: multiprocess mode sums by labels, and the
         # engine only uses the reasons it alone decides ("deadline", "worker_gone").

@@ -93,19 +93,11 @@ class EngineProcess:
                 self._follow_workers(check_owners=False)
             self._read_requests()
             if self.core.has_unfinished():
-                self._step()
+                self._deliver(self.router.step())
             backlog = self._flush(now)
             self._publish(now)
             if not self.core.has_unfinished():
                 self.channels.wait(BACKLOG_WAIT_S if backlog else IDLE_WAIT_S)
-
-    def _step(self) -> None:
-        steps_before = self.core.stats.steps
-        started = time.perf_counter()
-        outputs = self.core.step()
-        if self.metrics is not None and self.core.stats.steps > steps_before:
-            self.metrics.observe_step(time.perf_counter() - started)
-        self._deliver(self.router.route(outputs))
 
     # ---- workers --------------------------------------------------------------
     def _follow_workers(self, *, check_owners: bool) -> None:

@@ -132,6 +132,20 @@ class RequestRouter:
         return None
 
     # ---- engine -> worker ---------------------------------------------------
+    def step(self) -> list[Reply]:
+        """One EngineCore step; -> the replies for its outputs."""
+        steps_before = self.core.stats.steps
+        started = time.perf_counter()
+        outputs = self.core.step()
+        if self.metrics is not None:
+            if self.core.stats.steps > steps_before:
+                self.metrics.observe_step(time.perf_counter() - started)
+            for seconds in self.core.drain_queue_times():
+                self.metrics.queue_time.observe(seconds)
+        else:
+            self.core.drain_queue_times()  # the core keeps them until asked
+        return self.route(outputs)
+
     def route(self, outputs) -> list[Reply]:
         """Replies for the RequestOutputs of one step."""
         self._mark_started()
@@ -185,15 +199,13 @@ class RequestRouter:
                         queue_time=max(0.0, started - live.submitted_at), run_time=now - started)
 
     def _mark_started(self) -> None:
-        """Stamp requests that ran their first step (the end of their queue
-        time). RequestOutput does not carry it, so this reads the scheduler's
-        running list, whose requests record `first_step_at`."""
+        """Stamp requests that ran their first step, for FINISHED's queue and
+        run times. RequestOutput does not carry it, so this reads the
+        scheduler's running list, whose requests record `first_step_at`."""
         for request in self.core.scheduler.running:
             live = self.live.get(request.request_id)
             if live is not None and live.started_at is None and request.first_step_at is not None:
                 live.started_at = request.first_step_at
-                if self.metrics is not None:
-                    self.metrics.queue_time.observe(max(0.0, live.started_at - live.submitted_at))
 
 
 def _record_spans(live: _Live, started: float, finished: float) -> None:

@@ -1,0 +1,22 @@
+"""`dfastllm serve --help` and argument errors, without starting anything."""
+
+import dataclasses
+import subprocess
+import sys
+
+from dfastllm.config import ServerConfig
+
+
+def test_serve_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "dfastllm.cli", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for field in dataclasses.fields(ServerConfig):
+        assert "--" + field.name.replace("_", "-") in out, field.name
+    assert "DFASTLLM_" in out
+
+
+def test_invalid_option_values_are_refused_before_starting():
+    done = subprocess.run([sys.executable, "-m", "dfastllm.cli", "serve", "--max-batch-size", "0"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "max_batch_size must be >= 1" in done.stderr

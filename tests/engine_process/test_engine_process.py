@@ -1,0 +1,275 @@
+"""The engine process end to end: a real `python -m dfastllm.engine.process`
+on a tiny checkpoint, started by the supervisor's functions, with clients in
+this process (EngineClient) and in separate worker processes."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from dfastllm import LLM, SamplingParams
+from dfastllm.engine.client import (EngineClient, EngineRejected, EngineUnavailable, ErrorEvent, FinishedEvent,
+                                    TokensEvent)
+from dfastllm.ipc import EngineState
+from dfastllm.ipc.control import SlotState
+from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, decode
+from tests.engine_process.conftest import RunningEngine, engine_config, start_client_process, wait_until
+
+# A canvas of 4 + 400 tokens at one token per step: a few seconds on the tiny
+# model, long enough to still be running whatever a test does meanwhile.
+LONG = dict(max_tokens=400, block_length=40)
+
+
+def random_requests(rng: random.Random, prefix: str, n: int) -> list[dict]:
+    """Prompts of ordinary ids (special tokens have the lowest ids) and a mix
+    of decoding modes; sampling only with a seed, so the output is defined."""
+    modes = [dict(), dict(threshold=0.3), dict(remasking="random", seed=rng.randrange(2**62)),
+             dict(temperature=0.8, seed=rng.randrange(2**62)), dict(steps=None, block_length=8)]
+    requests = []
+    for i in range(n):
+        max_tokens = rng.choice([8, 16, 24, 40])
+        params = dict(max_tokens=max_tokens, block_length=rng.choice([8, max_tokens]),
+                      steps=max_tokens // 2, ignore_eos=rng.random() < 0.5)
+        params.update(modes[i % len(modes)])
+        prompt = [rng.randrange(20, 320) for _ in range(rng.randrange(1, 30))]
+        requests.append({"id": f"{prefix}-{i}", "prompt": prompt, "params": params})
+    return requests
+
+
+def offline(model_dir: str, requests: list[dict]) -> dict:
+    llm = LLM(model_dir, device="cpu")
+    outputs = llm.generate([r["prompt"] for r in requests], [SamplingParams(**r["params"]) for r in requests])
+    return {r["id"]: (o.token_ids, o.finish_reason) for r, o in zip(requests, outputs)}
+
+
+async def read_all(stream) -> tuple[list[int], object]:
+    tokens = []
+    async for event in stream:
+        if isinstance(event, TokensEvent):
+            tokens += event.ids
+        else:
+            return tokens, event
+
+
+@pytest.mark.timeout(120)
+def test_two_worker_processes_get_the_offline_tokens(engine, tiny_llada_dir):
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    batches = [random_requests(rng, f"w{w}-{seed}", 12) for w in range(2)]
+    workers = [start_client_process(engine.base_name, "generate", json.dumps(b)) for b in batches]
+    results = {}
+    for worker in workers:
+        out, _ = worker.communicate(timeout=90)
+        assert worker.returncode == 0
+        results.update(json.loads(out))
+    expected = offline(tiny_llada_dir, batches[0] + batches[1])
+    assert len(results) == 24
+    for rid, (tokens, finish_reason) in expected.items():
+        assert results[rid]["tokens"] == tokens, f"{rid} (seed {seed})"
+        assert results[rid]["finish_reason"] == finish_reason
+        assert results[rid]["completion_tokens"] == len(tokens)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_stops_the_request_within_one_step(engine):
+    async def main():
+        client = EngineClient(engine.layout())
+        frames = []  # every answer the engine sent this worker, decoded
+        on_batch = client._on_batch
+        client._on_batch = lambda batch: (frames.extend(decode(f) for f in batch), on_batch(batch))
+        await client.start()
+        try:
+            stream = await client.submit("cancel-me", [40, 41, 42, 43], SamplingParams(**LONG))
+            first = await anext(stream)
+            assert isinstance(first, TokensEvent) and first.ids
+            assert await client.cancel("cancel-me") is True
+            tokens, final = await read_all(stream)
+            assert isinstance(final, FinishedEvent) and final.reason == "cancelled"
+            assert final.completion_tokens == len(first.ids) + len(tokens)
+            assert final.completion_tokens < LONG["max_tokens"]
+            assert await wait_until(lambda: client.state().running == 0, 0.5)
+            await asyncio.sleep(0.2)  # room for any stray output to arrive
+            ours = [m for m in frames if getattr(m, "request_id", None) == "cancel-me"]
+            last = max(i for i, m in enumerate(ours) if m.KIND.name == "FINISHED")
+            assert last == len(ours) - 1, "a message followed FINISHED"
+            assert ours[last].reason == FinishReason.CANCELLED
+            assert sum(len(m.token_ids) for m in ours if isinstance(m, Tokens)) == final.completion_tokens
+            assert await client.cancel("cancel-me") is False  # already over
+            assert await client.cancel("never-submitted") is False
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_leaving_a_stream_early_cancels_the_request(engine):
+    async def main():
+        client = EngineClient(engine.layout())
+        await client.start()
+        try:
+            stream = await client.submit("abandoned", [50, 51, 52], SamplingParams(**LONG))
+            await anext(stream)
+            await stream.aclose()
+            assert await wait_until(lambda: client.state().running == 0, 1.0)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_refusals_reach_the_submitter_and_do_not_consume_the_id(engine):
+    async def main():
+        client = EngineClient(engine.layout())
+        await client.start()
+        try:
+            with pytest.raises(EngineRejected) as refused:
+                await client.submit("retry-me", [60] * 200, SamplingParams(max_tokens=400))
+            assert refused.value.reason == RejectReason.INVALID and "max_model_len" in refused.value.message
+            stream = await client.submit("retry-me", [60, 61], SamplingParams(max_tokens=8))
+            tokens, final = await read_all(stream)
+            assert isinstance(final, FinishedEvent) and final.completion_tokens == len(tokens)
+            with pytest.raises(EngineRejected) as duplicate:
+                await client.submit("retry-me", [60, 61], SamplingParams(max_tokens=8))
+            assert duplicate.value.reason == RejectReason.DUPLICATE_ID
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_worker_process_gets_its_requests_cancelled(engine):
+    requests = [{"id": f"orphan-{i}", "prompt": [70 + i, 71, 72], "params": LONG} for i in range(3)]
+    worker = start_client_process(engine.base_name, "hold", json.dumps(requests))
+    try:
+        assert worker.stdout.readline().strip() == "admitted"
+        control = engine.layout().control
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and control.snapshot().running + control.snapshot().queue_depth < 3:
+            time.sleep(0.01)
+        assert control.snapshot().running + control.snapshot().queue_depth == 3
+        worker_slots = [i for i, s in enumerate(control.slots()) if s.pid == worker.pid]
+        assert len(worker_slots) == 1
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and (control.snapshot().running or control.snapshot().queue_depth):
+        time.sleep(0.01)
+    assert control.snapshot().running == 0 and control.snapshot().queue_depth == 0
+    assert control.slot(worker_slots[0]).state == SlotState.FREE
+
+
+@pytest.mark.timeout(30)
+def test_engine_metrics_reach_the_multiprocess_directory(engine):
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    async def main():
+        client = EngineClient(engine.layout())
+        await client.start()
+        try:
+            await read_all(await client.submit("metered", [80, 81], SamplingParams(max_tokens=8)))
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=engine.supervisor.metrics_dir)
+    assert registry.get_sample_value("dfastllm:denoising_steps_total") >= 8
+    assert registry.get_sample_value("dfastllm:tokens_per_step_count") >= 1
+    assert registry.get_sample_value("dfastllm:request_queue_time_seconds_count") >= 1
+    assert registry.get_sample_value("dfastllm:device_memory_used_bytes") > 0
+
+
+@pytest.mark.timeout(120)
+def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny_llada_dir):
+    # No supervision at first: the workers must notice by the heartbeat alone.
+    running = RunningEngine(engine_config(tiny_llada_dir), supervise=False)
+    try:
+        async def main():
+            client = EngineClient(running.layout())
+            await client.start()
+            try:
+                streams = [await client.submit(f"doomed-{i}", [90 + i, 91], SamplingParams(**LONG))
+                           for i in range(4)]
+                for stream in streams:
+                    await anext(stream)
+                generation = client.state().generation
+                killed_at = time.monotonic()
+                os.kill(running.supervisor.engine.pid, signal.SIGKILL)
+                finals = await asyncio.wait_for(asyncio.gather(*(read_all(s) for s in streams)), 5)
+                ended_after = time.monotonic() - killed_at
+                assert all(isinstance(final, ErrorEvent) and final.engine_failed for _, final in finals)
+                assert ended_after < 1.0
+                with pytest.raises(EngineUnavailable):
+                    await client.submit("too-early", [90], SamplingParams(max_tokens=4))
+
+                running.supervise()  # the supervisor sees the death and restarts the engine
+                assert await wait_until(lambda: client.state().generation == generation + 1
+                                        and client.state().state == EngineState.READY, 60, 0.05)
+                tokens, final = await read_all(await client.submit("reborn", [90, 91], SamplingParams(max_tokens=8)))
+                assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
+            finally:
+                await client.close()
+
+        asyncio.run(main())
+        assert running.supervisor.engine_starts == 2
+    finally:
+        running.stop()
+    assert running.segments() == []
+
+
+@pytest.mark.timeout(90)
+def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir):
+    running = RunningEngine(engine_config(tiny_llada_dir, drain_timeout_s=1.5))
+    engine_process = running.supervisor.engine
+    try:
+        async def main():
+            client = EngineClient(running.layout())
+            await client.start()
+            try:
+                short = await client.submit("finishes", [100, 101], SamplingParams(max_tokens=16, ignore_eos=True))
+                endless = await client.submit("outlives-drain", [100, 102],
+                                              SamplingParams(max_tokens=500, block_length=500, ignore_eos=True))
+                stopping = asyncio.get_running_loop().run_in_executor(None, running.stop)
+                assert await wait_until(lambda: client.state().state == EngineState.DRAINING, 2)
+                with pytest.raises(EngineUnavailable):
+                    await client.submit("late", [100], SamplingParams(max_tokens=4))
+                tokens, final = await read_all(short)
+                assert isinstance(final, FinishedEvent) and final.reason == "length" and len(tokens) == 16
+                _, final = await read_all(endless)
+                assert isinstance(final, ErrorEvent) and not final.engine_failed
+                assert "shut down" in final.message
+                await stopping
+            finally:
+                await client.close()
+
+        asyncio.run(main())
+    finally:
+        running.stop()
+    assert engine_process.returncode == 0
+    assert running.segments() == []
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_gives_up_on_an_engine_that_never_gets_ready(tmp_path):
+    from dfastllm.supervisor import Supervisor
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-diffusion-model"}))
+    supervisor = Supervisor(engine_config(str(tmp_path), engine_restart_limit=2), http=False)
+    supervisor.start()
+    base_name = supervisor.layout.base_name
+    try:
+        assert supervisor.supervise() == 1
+        assert supervisor.engine_starts == 2
+        assert supervisor.layout.control.state == EngineState.FAILED
+    finally:
+        supervisor.stop()
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(base_name)] == []
