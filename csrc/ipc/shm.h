@@ -103,7 +103,12 @@ class Doorbell {
   // Unconditional wake (used to interrupt a waiter, e.g. on shutdown).
   void wake_all() const;
   uint32_t arm() const;
-  void disarm() const { words_->waiters.fetch_sub(1, std::memory_order_relaxed); }
+  // Saturating, so a reset() under a live sleeper cannot wrap the count.
+  void disarm() const {
+    uint32_t n = words_->waiters.load(std::memory_order_relaxed);
+    while (n != 0 && !words_->waiters.compare_exchange_weak(n, n - 1, std::memory_order_relaxed)) {
+    }
+  }
   WaitResult sleep(uint32_t token, const Deadline& deadline) const {
     return futex_wait(&words_->seq, token, deadline);
   }
@@ -128,6 +133,8 @@ class Doorbell {
     }
   }
   uint32_t waiters() const { return words_->waiters.load(std::memory_order_relaxed); }
+  // Forgets sleepers counted by processes that died asleep. A live sleeper
+  // is woken by the wake_all and counts itself again before sleeping.
   void reset() const {
     words_->waiters.store(0, std::memory_order_relaxed);
     wake_all();

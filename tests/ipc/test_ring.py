@@ -173,6 +173,26 @@ def test_reset_drops_unread_messages(ring):
     assert ring.get_nowait() == b"fresh"
 
 
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_reset_under_a_live_sleeper_keeps_it_wakeable(ring):
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(ring.get(timeout=20)))
+    consumer.start()
+    wait_for(lambda: ring.consumer_waiters == 1)
+    ring.reset()  # zeroes the count under the sleeper, which wakes and counts itself again
+    wait_for(lambda: ring.consumer_waiters == 1)
+    start = time.monotonic()
+    ring.put(b"after reset")
+    consumer.join(10)
+    assert got == [b"after reset"] and time.monotonic() - start < 5
+
+
 def test_objects_attached_earlier_do_not_trust_old_indexes(ring):
     # A restarted engine or the supervisor may use a Ring object whose
     # cached indexes are far behind what other objects did meanwhile.
