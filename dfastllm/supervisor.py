@@ -8,8 +8,9 @@ It owns what outlives any one engine or worker:
   (`python -m dfastllm.engine.process`), restarted after a crash with
   exponential backoff while the control block says FAILED, given up after
   `engine_restart_limit` consecutive crashes that never reached READY,
-- Granian (`python -m granian --interface asgi server.asgi:app`), whose
-  master process respawns its own workers.
+- Granian (`python -m granian --interface asgi server.asgi:app`, the
+  command `server.launch.granian_argv` builds), whose master process
+  respawns its own workers.
 
 Every child gets the configuration and the names in its environment:
 DFASTLLM_CONFIG_JSON, DFASTLLM_IPC_NAME, PROMETHEUS_MULTIPROC_DIR.
@@ -40,13 +41,17 @@ logger = logging.getLogger("dfastllm.supervisor")
 MONITOR_INTERVAL_S = 0.05
 RESTART_BACKOFF_S = 0.5  # first delay; doubles with every crash before READY
 RESTART_BACKOFF_MAX_S = 30.0
-HTTP_STOP_TIMEOUT_S = 15.0
+HTTP_STOP_TIMEOUT_S = 20.0  # Granian gives its workers 15 s to end their streams
 KILL_GRACE_S = 5.0  # after a timeout, how long SIGKILL may take
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the supervisor dies, even by
-    SIGKILL, so no engine or Granian outlives the run that owns its segments."""
+def _child_setup() -> None:
+    """preexec_fn of the engine and Granian. A session of its own: a
+    terminal's Ctrl-C reaches only the supervisor, which then stops the
+    children in order (the engine drains before Granian stops streaming).
+    And SIGTERM when the supervisor dies, even by SIGKILL, so no child
+    outlives the run that owns its segments."""
+    os.setsid()
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -87,16 +92,14 @@ class Supervisor:
         self.engine_starts += 1
         self._engine_reached_ready = False
         self.engine = subprocess.Popen([sys.executable, "-m", "dfastllm.engine.process"], env=self.env,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=_child_setup)
         logger.info("engine process started", extra={"engine_pid": self.engine.pid, "start": self.engine_starts})
 
     def start_http(self) -> None:
+        from server.launch import run_granian
+
         c = self.config
-        command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", c.host, "--port", str(c.port),
-                   "--workers", str(c.workers), "--no-ws", "--respawn-failed-workers",
-                   "--workers-kill-timeout", str(int(HTTP_STOP_TIMEOUT_S)), "--log-level", c.log_level,
-                   "server.asgi:app"]
-        self.granian = subprocess.Popen(command, env=self.env, preexec_fn=_die_with_parent)
+        self.granian = run_granian(c, self.env, preexec_fn=_child_setup)
         logger.info("HTTP server started", extra={"granian_pid": self.granian.pid, "host": c.host, "port": c.port,
                                                   "workers": c.workers})
 
