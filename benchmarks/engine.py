@@ -141,6 +141,107 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ---- through the engine process (--through-process) ---------------------------
+THROUGH_PROCESS_REPEATS = 3
+
+
+def through_process(args) -> int:
+    """The same configurations, but every request goes to a real engine
+    process (started by the supervisor's functions, no HTTP) through an
+    EngineClient, as an HTTP worker sends them: shared-memory rings, the
+    engine loop, continuous batching. `--shape` writes a checkpoint of that
+    shape with random weights, since the engine process loads from disk
+    (with the test tokenizer's vocabulary: it cannot train a larger one)."""
+    import asyncio
+    import os
+    import shutil
+    import tempfile
+
+    from dfastllm.config import ServerConfig
+    from dfastllm.engine.client import EngineClient, FinishedEvent, TokensEvent
+    from dfastllm.ipc import IpcLayout
+    from dfastllm.supervisor import Supervisor
+    from dfastllm.testing import write_tiny_llada
+
+    if args.threads:  # the engine process reads it at torch start-up
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    model_dir = args.model
+    written = None
+    if model_dir is None:
+        shape = SHAPES[args.shape]
+        model_dir = write_tiny_llada(tempfile.mkdtemp(prefix=f"dfastllm-bench-{args.shape}-"),
+                                     d_model=shape["d_model"], n_layers=shape["n_layers"], n_heads=shape["n_heads"],
+                                     n_kv_heads=shape["n_kv_heads"], mlp_hidden_size=shape["mlp_hidden_size"],
+                                     max_sequence_length=shape["max_sequence_length"])  # tokenizer's vocab (320)
+        written = model_dir
+    with open(os.path.join(model_dir, "config.json")) as f:
+        checkpoint = json.load(f)
+    # Random prompts avoid the ids with a role (mask, EOS, padding).
+    special = {checkpoint[k] for k in ("mask_token_id", "eos_token_id", "pad_token_id")
+               if checkpoint.get(k) is not None}
+    vocab_size = checkpoint["vocab_size"]
+    report = dict(model=args.model or args.shape, through="engine process", threads=args.threads, results=[])
+    loop = asyncio.new_event_loop()
+    counter = iter(range(1 << 62))
+
+    async def one(client, prompt, params):
+        stream = await client.submit(f"bench-{next(counter)}", prompt, params)
+        tokens, steps = [], 0
+        async for event in stream:
+            if isinstance(event, TokensEvent):
+                tokens += event.ids
+            elif isinstance(event, FinishedEvent):
+                steps = event.steps
+            else:
+                raise RuntimeError(event.message)
+        return types.SimpleNamespace(token_ids=tokens, num_steps=steps)
+
+    for kv_cache in args.kv_cache:
+        config = ServerConfig(model=model_dir, device=args.device, dtype=args.dtype, kv_cache=kv_cache,
+                              max_batch_size=max(args.batch_sizes), log_level="warning",
+                              max_num_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens))
+        supervisor = Supervisor(config, http=False)
+        supervisor.start()
+        try:
+            if not supervisor.wait_ready(300):
+                raise RuntimeError("the engine process did not become ready")
+            client = EngineClient(IpcLayout.attach(supervisor.layout.base_name))
+            loop.run_until_complete(client.start())
+
+            async def together(prompts, params):
+                return await asyncio.gather(*(one(client, p, params) for p in prompts))
+
+            def generate(prompts, params):
+                return loop.run_until_complete(together(prompts, params))
+
+            rows = []
+            for batch_size in args.batch_sizes:
+                # Best of a few runs: a run is short, and the machine may be shared.
+                result = max((run_configuration(generate, batch_size=batch_size, prompt_len=args.prompt_len,
+                                                max_tokens=args.max_tokens, block_length=args.block_length,
+                                                steps=args.steps, vocab_size=vocab_size, special_ids=special,
+                                                seed=repeat)
+                              for repeat in range(THROUGH_PROCESS_REPEATS)), key=lambda r: r["tokens_per_s"])
+                result.update(kv_cache=kv_cache, best_of=THROUGH_PROCESS_REPEATS)
+                rows.append(result)
+                print(f"through process: kv={kv_cache:<6} batch={batch_size:<3} {result['tokens_per_s']:9.1f} tok/s "
+                      f"{result['steps_per_s']:8.1f} steps/s", file=sys.stderr)
+            alone = next((r for r in rows if r["batch_size"] == 1), None)
+            for r in rows:
+                if alone is not None:
+                    r["speedup_over_one_at_a_time"] = round(r["tokens_per_s"] / alone["tokens_per_s"], 2)
+            report["results"] += rows
+            loop.run_until_complete(client.close())
+        finally:
+            supervisor.stop()
+    loop.close()
+    if written is not None:
+        shutil.rmtree(written, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -156,7 +257,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="total steps (default: one token per step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--through-process", action="store_true",
+                        help="send the requests to a real engine process through an EngineClient")
     args = parser.parse_args(argv)
+    if args.through_process:
+        return through_process(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
