@@ -182,6 +182,18 @@ class RowSampler {
     for (int64_t i = start; i < end; i += kLanes) {
       const VecF d = load_at(i, end) - vmax;
       const VecF e = exp_nonpositive(clamp_exp_arg(D == Draw::kTemperature ? d * vinv_t : d));
+      const float vector_mass = reduce_add(e);
+      if (vector_mass <= 0.0f) continue;
+      if (run + vector_mass <= residual) {  // the common case: the target lies further on
+        run += vector_mass;
+        for (int l = kLanes - 1; l >= 0; --l) {
+          if (e[l] > 0.0f) {
+            last_positive = i + l;
+            break;
+          }
+        }
+        continue;
+      }
       for (int l = 0; l < kLanes && i + l < end; ++l) {
         if (e[l] > 0.0f) {
           run += e[l];

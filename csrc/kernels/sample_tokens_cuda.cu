@@ -145,8 +145,15 @@ __device__ void scan_segment(const T* row, long long begin, long long end, float
   }
 }
 
-// Exclusive prefix sum over the block (thread order).
-__device__ float block_exclusive_sum(float v, float* warp_sums) {
+// Splits [0, sum of v) into one interval per thread, in thread order:
+// thread i gets [start_i, start_(i+1)), where both ends come from the same
+// float operations, so the intervals tile the range exactly and at most one
+// thread holds any target.
+struct Interval {
+  float start, end;
+};
+
+__device__ Interval block_intervals(float v, float* warp_totals) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float inclusive = v;
 #pragma unroll
@@ -154,12 +161,19 @@ __device__ float block_exclusive_sum(float v, float* warp_sums) {
     const float n = __shfl_up_sync(0xffffffffu, inclusive, o);
     if (lane >= o) inclusive += n;
   }
-  if (lane == 31) warp_sums[warp] = inclusive;
+  const float up = __shfl_up_sync(0xffffffffu, inclusive, 1);
+  const float exclusive = lane == 0 ? 0.0f : up;
+  if (lane == 31) warp_totals[warp] = inclusive;
   __syncthreads();
-  float before = 0.0f;
-  for (int w = 0; w < warp; ++w) before += warp_sums[w];
+  float before = 0.0f, after = 0.0f;  // mass before this warp and before the next
+  for (int w = 0; w <= warp; ++w) {
+    before = after;
+    after += warp_totals[w];
+  }
   __syncthreads();
-  return before + inclusive - v;
+  const float start = lane == 0 ? before : before + exclusive;
+  const float next = __shfl_down_sync(0xffffffffu, start, 1);
+  return Interval{start, lane == 31 ? after : next};
 }
 
 struct DrawPlan {
@@ -177,7 +191,11 @@ __device__ __forceinline__ long long segment_length(long long vocab, int kVec) {
 // then to the row's argmax, when rounding between the sweeps leaves none.
 template <typename T, Draw D, int kVec>
 __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float row_max, float inv_t,
-                                     long long argmax, float* warp_sums, long long* shared_idx) {
+                                     long long argmax) {
+  __shared__ float warp_totals[kWarps];
+  __shared__ long long warp_last[kWarps];
+  __shared__ long long claimed;
+
   const long long len = plan.end - plan.begin;
   const long long per_thread = ((len + kThreads - 1) / kThreads + kVec - 1) / kVec * kVec;
   const long long lo = plan.begin + min(len, per_thread * threadIdx.x);
@@ -199,11 +217,10 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
       if (e > 0.0f) last_positive = c + j;
     }
   }
-  const float before = block_exclusive_sum(sum, warp_sums);
-  if (threadIdx.x == 0) *shared_idx = -1;
-  __syncthreads();
-  if (sum > 0.0f && before <= plan.residual && plan.residual < before + sum) {
-    float run = before;
+  if (threadIdx.x == 0) claimed = -1;
+  const Interval mine = block_intervals(sum, warp_totals);  // synchronises the block
+  if (mine.start <= plan.residual && plan.residual < mine.end) {
+    float run = mine.start;
     long long chosen = last_positive;
     for (long long c = lo; c < hi; ++c) {
       const float e = mass(to_float(row[c]));
@@ -215,18 +232,17 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
         }
       }
     }
-    *shared_idx = chosen;
+    claimed = chosen;
   }
-  __syncthreads();
-  if (*shared_idx >= 0) return *shared_idx;
-  // No thread holds the target: the last column with mass in the segment.
   long long last = last_positive;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
-  if ((threadIdx.x & 31) == 0) reinterpret_cast<long long*>(warp_sums)[threadIdx.x >> 5] = last;
+  if ((threadIdx.x & 31) == 0) warp_last[threadIdx.x >> 5] = last;
   __syncthreads();
+  if (claimed >= 0) return claimed;
+  // No thread holds the target: the last column with mass in the segment.
   long long best = -1;
-  for (int w = 0; w < kWarps; ++w) best = max(best, reinterpret_cast<long long*>(warp_sums)[w]);
+  for (int w = 0; w < kWarps; ++w) best = max(best, warp_last[w]);
   return best >= 0 ? best : argmax;
 }
 
@@ -235,8 +251,6 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   __shared__ RowState warp_states[kWarps];
   __shared__ RowState row_state;
   __shared__ DrawPlan plan;
-  __shared__ __align__(8) float scratch[2 * kWarps];
-  __shared__ long long chosen;
 
   const T* row = static_cast<const T*>(p.logits) + r * p.row_stride;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -293,7 +307,7 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   }
   long long token = total.idx;
   if constexpr (D != Draw::kGreedy) {
-    token = draw_in_segment<T, D, kVec>(row, plan, total.m, inv_t, total.idx, scratch, &chosen);
+    token = draw_in_segment<T, D, kVec>(row, plan, total.m, inv_t, total.idx);
   }
   if (threadIdx.x != 0) return;
   p.tokens[r] = token;

@@ -113,33 +113,36 @@ def sample_tokens_reference(
     row_max = x.max(dim=-1).values  # [N]
     dead = row_max == float("-inf")  # rows with no finite logit
     safe_x = torch.where(dead[:, None], 0.0, x)
-    p = torch.softmax(safe_x, dim=-1)  # [N, V] at temperature 1
+    log_z = torch.logsumexp(safe_x, dim=-1)  # [N], temperature 1
 
     greedy = t.isnan() | (t <= 0)
-    sample_t = torch.where(greedy, 1.0, t)
-    p_t = torch.softmax(safe_x / sample_t[:, None], dim=-1)
-    cdf = torch.cumsum(p_t, dim=-1)
-    target = (u_sample * cdf[:, -1]).unsqueeze(-1)
-    drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # Rounding can leave the target at or past the last step of the CDF:
-    # take the last column that has probability.
-    last_nonzero = (p_t > 0).cumsum(-1).argmax(-1)
-    drawn = torch.minimum(drawn, last_nonzero)
-    tokens = torch.where(greedy, x.argmax(dim=-1), drawn)
+    tokens = safe_x.argmax(dim=-1)  # first index on ties
+    sampled = (~greedy & ~dead).nonzero().squeeze(-1)
+    if sampled.numel():
+        p_t = torch.softmax(safe_x[sampled] / t[sampled, None], dim=-1)  # [S, V]
+        cdf = torch.cumsum(p_t, dim=-1)
+        target = u_sample[sampled] * cdf[:, -1]
+        drawn = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+        # Rounding can leave the target at or past the end of the CDF: take
+        # the last column that has probability.
+        last_live = p_t.shape[1] - 1 - (p_t > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
+        tokens[sampled] = torch.minimum(drawn, last_live)
     tokens = torch.where(dead, 0, tokens)
 
     if confidence == "low_confidence":
-        conf = p.gather(-1, tokens[:, None]).squeeze(-1)
+        conf = (safe_x.gather(-1, tokens[:, None]).squeeze(-1) - log_z).exp()
     elif confidence == "random":
         conf = u_conf.double()
     elif confidence == "margin":
-        if p.shape[1] == 1:
+        if safe_x.shape[1] == 1:
             conf = torch.ones(n, dtype=torch.float64, device=device)
         else:
-            top2 = p.topk(2, dim=-1).values
+            top2 = (safe_x.topk(2, dim=-1).values - log_z[:, None]).exp()
             conf = top2[:, 0] - top2[:, 1]
     else:
-        conf = torch.where(p > 0, p * p.log(), 0.0).sum(-1)
+        log_p = safe_x - log_z[:, None]
+        p = log_p.exp()
+        conf = torch.where(p > 0, p * log_p, 0.0).sum(-1)
     if confidence != "random":
         conf = torch.where(dead, float("nan"), conf)
     return tokens, conf.float()

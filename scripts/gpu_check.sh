@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU check of the kernels, for a machine with a CUDA GPU, torch (CUDA build),
+# nvcc, pybind11, cmake and ninja -- and none of the server's dependencies.
+#   1. builds dfastllm._C (and _ipc) with CMake straight into dfastllm/,
+#      for this GPU's architecture only (DFASTLLM_CUDA_ARCHS overrides);
+#   2. runs tests/ops (CUDA cases included; they fail, not skip, if the
+#      extension lacks CUDA);
+#   3. runs the kernel benchmark on CUDA (and a quick CPU case);
+#   4. prints a short summary table last.
+# Needs pytest; if it is not installed, wheels in .whl/ (or $DFASTLLM_WHEELS)
+# are installed offline. Budget: < 8 minutes on one H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT_DIR=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONDONTWRITEBYTECODE=1
+started=$(date +%s)
+say() { echo "== [$(($(date +%s) - started))s] $*"; }
+
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader || true
+arch=${DFASTLLM_CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')}
+arch=${arch:-"80;90"}
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+
+say "build (CUDA architectures: $arch)"
+BUILD=$ROOT/build/gpu-check
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v "$PY")" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/dfastllm" -DCMAKE_CUDA_ARCHITECTURES="$arch" >"$OUT_DIR/cmake.log" 2>&1 \
+  || { cat "$OUT_DIR/cmake.log"; exit 1; }
+grep "dfastllm:" "$OUT_DIR/cmake.log"
+cmake --build "$BUILD" --target dfastllm_C 2>&1 | tee "$OUT_DIR/build.log" | grep -iE "warning|error" ; build_rc=${PIPESTATUS[0]}
+[ "$build_rc" -eq 0 ] || { tail -50 "$OUT_DIR/build.log"; exit 1; }
+"$PY" -c "import dfastllm.ops as o; assert o.BUILT_WITH_CUDA, 'no CUDA kernels in the build'; print('dfastllm._C with CUDA')" || exit 1
+
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+  wheels=${DFASTLLM_WHEELS:-$ROOT/.whl}
+  say "pytest missing: installing from $wheels"
+  "$PY" -m pip install -q --no-index --find-links "$wheels" pytest pytest-timeout || exit 1
+fi
+
+say "tests/ops"
+# --confcutdir keeps conftest files above tests/ops (and their imports) out.
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/ops tests/ops \
+  --junitxml="$OUT_DIR/ops-tests.xml" 2>&1 | tee "$OUT_DIR/ops-tests.log" | tail -25
+test_rc=${PIPESTATUS[0]}
+
+say "benchmark"
+timeout 240 "$PY" benchmarks/kernels.py --device cuda --json >"$OUT_DIR/bench-cuda.log" 2>&1
+bench_rc=$?
+timeout 60 "$PY" benchmarks/kernels.py --device cpu --quick --ref-repeats 1 --json >"$OUT_DIR/bench-cpu.log" 2>&1
+grep -v '^{' "$OUT_DIR/bench-cuda.log" "$OUT_DIR/bench-cpu.log"
+
+say "summary"
+"$PY" - "$OUT_DIR" "$test_rc" "$bench_rc" <<'PYEOF'
+import json, pathlib, re, sys
+out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+log = (out / "ops-tests.log").read_text(errors="replace").strip().splitlines()
+summary = next((l for l in reversed(log) if re.search(r"passed|failed|error", l)), "no pytest summary")
+print(f"tests/ops: {summary} (rc {test_rc})")
+rows = []
+for name in ("bench-cuda.log", "bench-cpu.log"):
+    lines = [l for l in (out / name).read_text(errors="replace").splitlines() if l.startswith("{")]
+    if lines:
+        data = json.loads(lines[-1])
+        for d, gbps in data["copy_gbps"].items():
+            print(f"{d} copy bandwidth: {gbps:.0f} GB/s")
+        rows += data["sample_tokens"]
+        for c in data["commit_tokens"]:
+            print(f"{c['device']} commit_tokens 64x32: {c['kernel_s'] * 1e6:.1f} us")
+print(f"{'dev':5} {'N':>5} {'V':>7} {'t':>3} {'kernel ms':>9} {'speed-up':>9} {'GB/s':>7} {'%copy':>6}")
+for r in rows:
+    share = f"{r['share_of_copy_bw'] * 100:5.0f}%" if "share_of_copy_bw" in r else "     -"
+    speed = f"{r['speedup']:8.1f}x" if "speedup" in r else "        -"
+    print(f"{r['device']:5} {r['n']:5d} {r['v']:7d} {r['t']:3.0f} {r['kernel_s'] * 1e3:9.3f} {speed} {r['read_gbps']:7.0f} {share}")
+print("GPU CHECK", "PASSED" if test_rc == 0 and bench_rc == 0 else "FAILED")
+sys.exit(0 if test_rc == 0 and bench_rc == 0 else 1)
+PYEOF

@@ -1,0 +1,60 @@
+"""How dfastllm.ops loads its extension: a clear ImportError (never a silent
+fallback) when dfastllm._C is missing, no HTTP-side dependencies pulled in,
+and a CUDA build wherever a GPU is present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from dfastllm.ops import BUILT_WITH_CUDA
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+
+
+def test_missing_extension_is_an_import_error_naming_the_rebuild():
+    result = _python(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "dfastllm._C":
+                    raise ImportError("simulated missing build")
+        sys.meta_path.insert(0, Block())
+        try:
+            import dfastllm.ops
+        except ImportError as exc:
+            print("IMPORT-ERROR:", exc)
+        else:
+            print("IMPORTED")
+        """
+    )
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout + result.stderr
+    assert "pip install -e . --no-build-isolation" in result.stdout
+    assert "pip install ." in result.stdout
+
+
+def test_ops_import_needs_no_http_side_packages():
+    # The GPU check machine has torch but not the server's dependencies.
+    result = _python(
+        """
+        import sys
+        import dfastllm, dfastllm.ops
+        heavy = {"falcon", "granian", "orjson", "pydantic", "transformers", "tokenizers"}
+        print(sorted(heavy & {m.split(".")[0] for m in sys.modules}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_gpu_machines_get_the_cuda_kernels():
+    if torch.cuda.is_available() and os.environ.get("DFASTLLM_CPU_ONLY") != "1":
+        assert BUILT_WITH_CUDA, "a GPU is present but dfastllm._C was built without CUDA"
+    assert isinstance(BUILT_WITH_CUDA, bool)
