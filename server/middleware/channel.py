@@ -24,11 +24,15 @@ _BODY_END = {"type": "http.request", "body": b"", "more_body": False}
 
 
 class RequestChannel:
-    def __init__(self, receive, max_body_bytes: int):
+    def __init__(self, receive, max_body_bytes: int, declared_length: int | None = None):
         self._receive = receive
         self.max_body_bytes = max_body_bytes
         self.body_bytes = 0
-        self.too_large = False
+        # Falcon waits for the first body chunk before it runs any middleware; a
+        # client that declared too much may be waiting for our answer before it
+        # sends one (`BodyLimit` answers 413 from the declared length).
+        self.too_large = declared_length is not None and declared_length > max_body_bytes
+        self.declared_length = declared_length
         self.body_done = False
         self.disconnected = asyncio.Event()
         self._callbacks: list = []
@@ -38,7 +42,7 @@ class RequestChannel:
         """What the app sees: the body up to the limit, then (if asked) the disconnect."""
         if self.too_large:
             return _BODY_END
-        if self.body_done:
+        if self.body_done or self._watcher is not None:
             self._watch()
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
@@ -50,20 +54,20 @@ class RequestChannel:
         if self.body_bytes > self.max_body_bytes:
             self.too_large = True
             return _BODY_END
-        if not event.get("more_body", False):
-            self.body_done = True
-            if self._callbacks:
-                self._watch()
+        # Falcon stops reading once it has the declared length, so the server's
+        # closing (empty) event may still be pending: the watcher skips it.
+        self.body_done = not event.get("more_body", False) or self.body_bytes == self.declared_length
         return event
 
     def on_disconnect(self, callback) -> None:
-        """Call `callback()` as soon as the client disconnects (at once if it has)."""
+        """Call `callback()` as soon as the client disconnects (at once if it
+        has). Only after the app has read the body: from then on the watcher
+        owns the raw channel."""
         if self.disconnected.is_set():
             callback()
             return
         self._callbacks.append(callback)
-        if self.body_done:
-            self._watch()
+        self._watch()
 
     def _watch(self) -> None:
         if self._watcher is None:
@@ -71,7 +75,7 @@ class RequestChannel:
 
     async def _watch_disconnect(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
-            pass
+            pass  # the end of a body the app already has
         self._disconnect()
 
     def _disconnect(self) -> None:
@@ -99,12 +103,21 @@ class ChannelApp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        channel = RequestChannel(receive, self.max_body_bytes)
+        channel = RequestChannel(receive, self.max_body_bytes, _content_length(scope))
         scope[SCOPE_KEY] = channel
         try:
             await self.app(scope, channel.receive, send)
         finally:
             channel.close()
+
+
+def _content_length(scope) -> int | None:
+    # ASGI allows iterables (of iterables) here: keep lists so that Falcon can read them too.
+    scope["headers"] = [tuple(pair) for pair in scope.get("headers", ())]
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def channel_of(req) -> RequestChannel:
