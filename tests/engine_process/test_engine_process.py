@@ -3,6 +3,7 @@ on a tiny checkpoint, started by the supervisor's functions, with clients in
 this process (EngineClient) and in separate worker processes."""
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -166,6 +167,34 @@ def test_a_killed_worker_process_gets_its_requests_cancelled(engine):
     assert control.slot(worker_slots[0]).state == SlotState.FREE
 
 
+@pytest.mark.timeout(60)
+def test_runtime_settings_from_the_control_block_apply_to_new_requests(engine):
+    """PATCH /admin/config writes the whole ServerConfig as JSON into the
+    control block; the engine picks up request_timeout_s and max_queue."""
+    control = engine.layout().control
+    original = engine.supervisor.config
+    control.write_config(dataclasses.replace(original, request_timeout_s=0.3).to_json().encode())
+    time.sleep(0.5)  # the engine looks at the config version at least every 0.25 s
+
+    async def main():
+        client = EngineClient(engine.layout())
+        await client.start()
+        try:
+            started = time.monotonic()
+            tokens, final = await read_all(await client.submit("past-deadline", [45, 46], SamplingParams(**LONG)))
+            return tokens, final, time.monotonic() - started
+        finally:
+            await client.close()
+
+    try:
+        tokens, final, seconds = asyncio.run(main())
+    finally:
+        control.write_config(original.to_json().encode())
+    assert isinstance(final, FinishedEvent) and final.reason == "cancelled"
+    assert final.completion_tokens == len(tokens) < LONG["max_tokens"]
+    assert seconds < 2.0
+
+
 @pytest.mark.timeout(30)
 def test_engine_metrics_reach_the_multiprocess_directory(engine):
     from prometheus_client import CollectorRegistry
@@ -228,7 +257,7 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
 
 @pytest.mark.timeout(90)
 def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir):
-    running = RunningEngine(engine_config(tiny_llada_dir, drain_timeout_s=1.5))
+    running = RunningEngine(engine_config(tiny_llada_dir, drain_timeout_s=4.0))
     engine_process = running.supervisor.engine
     try:
         async def main():
