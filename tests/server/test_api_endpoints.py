@@ -319,3 +319,22 @@ async def test_body_limit_declared_and_chunked(tiny_model):
         small = await api.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1},
                                chunked=True, chunk_size=7)
         assert small.status == 200
+
+
+async def test_full_queue_is_503_overloaded_with_retry_after(tiny_model):
+    async with running_app(tiny_model, max_batch_size=1, max_queue=1) as api:
+        running = api.start("POST", "/v1/completions", json={**LONG, "stream": True}, headers={"X-Request-ID": "r1"})
+        await running.wait_for(lambda body: body.count(b"data: ") >= 1)
+        waiting = api.start("POST", "/v1/completions", json={**LONG, "stream": True}, headers={"X-Request-ID": "r2"})
+        while api.engine.core.num_waiting < 1:
+            await asyncio.sleep(0.01)
+        resp = await api.post("/v1/completions", json=LONG, headers={"X-Request-ID": "r3"})
+        assert resp.status == 503 and resp.json()["error"]["code"] == "overloaded"
+        assert int(resp.headers["retry-after"]) >= 1
+        for rid, flight in (("r1", running), ("r2", waiting)):
+            assert (await api.delete(f"/v1/requests/{rid}")).status == 200
+            assert parse_sse((await flight.finish()).body)[-1] == "[DONE]"
+        # A refused request did not consume its id.
+        resp = await api.post("/v1/completions", json={**LONG, "max_tokens": 1, "steps": 1},
+                              headers={"X-Request-ID": "r3"})
+        assert resp.status == 200

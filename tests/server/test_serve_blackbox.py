@@ -6,6 +6,8 @@ bodies and invalid inputs that must not reach the engine."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -341,9 +343,46 @@ def test_disconnect_mid_stream_cancels_the_engine_request(server, http):
     assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") == 0)
 
 
-def test_error_after_first_byte_goes_into_the_stream(server, http):
-    # The stream's events are always well formed and end with [DONE].
-    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                   "max_tokens": 4, "stream": True})
-    events = parse_sse(resp.content)
-    assert events[-1] == "[DONE]" and all(isinstance(e, dict) for e in events[:-1])
+def test_disconnect_while_waiting_for_a_non_streamed_answer_cancels(server, http):
+    cancelled = 'dfastllm:request_cancelled_total{reason="client_disconnect"}'
+    before = metric(metrics(http), cancelled)
+    body = orjson.dumps(completion(max_tokens=480, steps=480, block_length=4, ignore_eos=True))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") == 1)
+    assert wait_for(lambda: metric(metrics(http), cancelled) == before + 1)
+    assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") == 0)
+
+
+def _engine_pid(server) -> int:
+    with open(f"/proc/{server.process.pid}/task/{server.process.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"dfastllm.engine.process" in f.read():
+                return pid
+    raise AssertionError("no engine process under the supervisor")
+
+
+def test_engine_death_mid_stream_ends_the_stream_and_readiness(server, http):
+    """Last in this module: the supervisor restarts the engine; the test waits for it."""
+    body = completion(max_tokens=480, steps=480, block_length=4, ignore_eos=True, stream=True)
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        os.kill(_engine_pid(server), signal.SIGKILL)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    # An error after the first byte goes into the stream, which still ends with [DONE].
+    assert events[-1] == "[DONE]"
+    error = orjson.loads(events[-2])
+    assert responses.ErrorResponse.model_validate(error).error.code == "engine_unavailable"
+    assert orjson.loads(events[-3])["choices"][0]["finish_reason"] == "error"
+    ready = httpx.get(server.base_url + "/health/ready")
+    assert ready.status_code == 503 and ready.json()["state"] != "ready"
+    refused = http.post("/v1/completions", json=completion())
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+    assert refused.headers["retry-after"]
+    assert httpx.get(server.base_url + "/health/live").status_code == 200
+    server.wait_ready(timeout=60)
+    assert http.post("/v1/completions", json=completion()).status_code == 200

@@ -1,0 +1,81 @@
+"""Locust load test for `dfastllm serve`: streaming and non-streaming
+completions. Besides locust's own per-request rows, every streamed request
+reports its time to first token ("SSE ttft") and each gap between content
+chunks ("SSE inter-token") as request events of their own, so the locust
+statistics (and --csv files) show their percentiles.
+
+    locust -f benchmarks/locustfile.py --headless -u 32 -r 8 -t 150s \
+        --host http://127.0.0.1:8000 --csv /tmp/dfastllm-locust
+
+Environment: DFASTLLM_BENCH_MODEL (default: the server's first model),
+DFASTLLM_BENCH_MAX_TOKENS (64), DFASTLLM_BENCH_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from locust import HttpUser, between, events, task
+
+MAX_TOKENS = int(os.environ.get("DFASTLLM_BENCH_MAX_TOKENS", "64"))
+API_KEY = os.environ.get("DFASTLLM_BENCH_API_KEY")
+PROMPTS = ["The quick brown fox", "Once upon a time", "Hello, world! How are you today?",
+           "def add(a, b):", "The capital of France is"]
+
+
+def _fire(name: str, seconds: float, length: int = 0, exception=None) -> None:
+    events.request.fire(request_type="SSE", name=name, response_time=seconds * 1000.0, response_length=length,
+                        exception=exception, context={})
+
+
+class CompletionUser(HttpUser):
+    wait_time = between(0.0, 0.5)
+    model: str | None = os.environ.get("DFASTLLM_BENCH_MODEL")
+
+    def on_start(self) -> None:
+        if API_KEY:
+            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+        if CompletionUser.model is None:
+            CompletionUser.model = self.client.get("/v1/models").json()["data"][0]["id"]
+        self.turn = 0
+
+    def body(self, stream: bool) -> dict:
+        self.turn += 1
+        return {"model": self.model, "prompt": PROMPTS[self.turn % len(PROMPTS)], "max_tokens": MAX_TOKENS,
+                "ignore_eos": True, "stream": stream}
+
+    @task(3)
+    def streaming_completion(self) -> None:
+        started = time.perf_counter()
+        last = None
+        with self.client.post("/v1/completions", json=self.body(True), stream=True, catch_response=True,
+                              name="/v1/completions stream") as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+                return
+            for line in resp.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    resp.failure(event["error"]["message"])
+                    return
+                if any(c.get("text") for c in event["choices"]):
+                    now = time.perf_counter()
+                    if last is None:
+                        _fire("ttft", now - started)
+                    else:
+                        _fire("inter-token", now - last)
+                    last = now
+            resp.success()
+
+    @task(1)
+    def completion(self) -> None:
+        with self.client.post("/v1/completions", json=self.body(False), catch_response=True,
+                              name="/v1/completions") as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+            elif resp.json()["usage"]["completion_tokens"] != MAX_TOKENS:
+                resp.failure("short completion")
