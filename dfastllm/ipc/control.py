@@ -9,7 +9,8 @@ different cache lines):
     0    magic, layout version, n_slots, config capacity, creator pid
     64   engine state, engine generation, engine pid
     128  heartbeat (CLOCK_MONOTONIC ns; the engine writes it every <= 0.5 s)
-    192  queue depth, running, device memory used, device memory total
+    192  queue depth, running, device memory used, device memory total,
+         circuit state, circuit probe time (CLOCK_MONOTONIC ns)
     256  engine doorbell (every request ring's put rings it)
     320  worker slots, 64 bytes each: one word (generation << 32 | pid << 2 | state)
     ...  configuration blob (seqlock), 64-aligned
@@ -38,6 +39,9 @@ _HEADER = dict(magic=0, version=8, n_slots=16, config_capacity=24, creator_pid=3
 _STATE, _GENERATION, _ENGINE_PID = 64, 72, 80
 _HEARTBEAT = 128
 _QUEUE_DEPTH, _RUNNING, _MEM_USED, _MEM_TOTAL = 192, 200, 208, 216
+# Zero in a fresh segment, so a block written before these words existed
+# reads CLOSED.
+_CIRCUIT_STATE, _CIRCUIT_PROBE_AT = 224, 232
 _DOORBELL = 256
 _SLOTS = 320
 _SLOT_BYTES = 64
@@ -51,6 +55,16 @@ class EngineState(enum.IntEnum):
     DRAINING = 3
     FAILED = 4
     STOPPED = 5  # no engine process (before the first start, after stop)
+
+
+class CircuitState(enum.IntEnum):
+    """The engine's circuit breaker. OPEN: new requests are refused until
+    the probe time; HALF_OPEN: the engine admits one probe request, whose
+    success closes the circuit and whose failure opens it again."""
+
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
 
 
 class SlotState(enum.IntEnum):
@@ -87,6 +101,8 @@ class EngineSnapshot:
     running: int
     device_memory_used: int
     device_memory_total: int
+    circuit_state: CircuitState = CircuitState.CLOSED
+    circuit_retry_after_s: float = 0.0  # until a half-open probe is allowed; 0 unless OPEN
 
 
 class NoFreeSlot(RuntimeError):
@@ -185,6 +201,15 @@ class ControlBlock:
         self.segment.store_u64(_MEM_USED, used)
         self.segment.store_u64(_MEM_TOTAL, total)
 
+    def publish_circuit(self, state: CircuitState, retry_after_s: float = 0.0) -> None:
+        """The engine's circuit breaker moved: `retry_after_s` is how long
+        until a half-open probe is allowed (used only while OPEN)."""
+        state = CircuitState(state)
+        probe_at = time.monotonic_ns() + int(max(retry_after_s, 0.0) * 1e9) if state == CircuitState.OPEN else 0
+        # Probe time first: a reader that sees OPEN sees its probe time.
+        self.segment.store_u64(_CIRCUIT_PROBE_AT, probe_at)
+        self.segment.store_u64(_CIRCUIT_STATE, state)
+
     # ---------------------------------------------------------- readers
 
     @property
@@ -198,11 +223,23 @@ class ControlBlock:
     def heartbeat_age(self) -> float:
         return (time.monotonic_ns() - self.segment.load_u64(_HEARTBEAT)) / 1e9
 
+    @property
+    def circuit_state(self) -> CircuitState:
+        return CircuitState(self.segment.load_u64(_CIRCUIT_STATE))
+
+    def circuit(self) -> tuple[CircuitState, float]:
+        """(state, seconds until a half-open probe is allowed; 0 unless OPEN)."""
+        state = self.circuit_state
+        if state != CircuitState.OPEN:
+            return state, 0.0
+        return state, max(0.0, (self.segment.load_u64(_CIRCUIT_PROBE_AT) - time.monotonic_ns()) / 1e9)
+
     def snapshot(self) -> EngineSnapshot:
         s = self.segment
+        circuit, retry_after = self.circuit()
         return EngineSnapshot(self.state, s.load_u64(_GENERATION), s.load_u64(_ENGINE_PID), self.heartbeat_age(),
                               s.load_u64(_QUEUE_DEPTH), s.load_u64(_RUNNING), s.load_u64(_MEM_USED),
-                              s.load_u64(_MEM_TOTAL))
+                              s.load_u64(_MEM_TOTAL), circuit, retry_after)
 
     # ---------------------------------------------------------- worker slots
 
