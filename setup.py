@@ -6,7 +6,9 @@
 Environment knobs:
     DFASTLLM_CPU_ONLY=1        skip the CUDA kernels even when nvcc is found
     DFASTLLM_CUDA_ARCHS="80;90" CUDA architectures (default "80;90")
-    DFASTLLM_NATIVE=0          no -march=native (for wheels that travel)
+    DFASTLLM_CPU_ARCH=native   -march for the CPU kernels (default native: this
+                               machine's AVX-512/AVX2). Wheels that travel:
+                               x86-64-v3 (AVX2); empty: compiler default
     MAX_JOBS=N                 parallel compile jobs (default: ninja's choice)
     DFASTLLM_BUILD_TYPE=Debug  CMake build type (default Release)
 """
@@ -72,7 +74,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DDFASTLLM_CPU_ONLY={'ON' if _flag('DFASTLLM_CPU_ONLY') else 'OFF'}",
-            f"-DDFASTLLM_NATIVE={'OFF' if os.environ.get('DFASTLLM_NATIVE') == '0' else 'ON'}",
+            f"-DDFASTLLM_CPU_ARCH={os.environ.get('DFASTLLM_CPU_ARCH', 'native')}",
             f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('DFASTLLM_CUDA_ARCHS', '80;90')}",
         ]
         build = [cmake, "--build", str(build_dir)]

@@ -7,6 +7,7 @@
 // the inverse-CDF draw for t > 0 walks the chunk sums and rescans a single
 // chunk: one uniform per row instead of one Gumbel per column, and exact.
 // Semantics: dfastllm/ops/reference.py.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -83,31 +84,47 @@ class RowSampler {
   }
 
  private:
+  // kLanes columns from i on; those at or past end read as -inf.
   VecF load_at(int64_t i, int64_t end) const {
-    return end - i >= kLanes ? load(row_ + i) : load_partial(row_ + i, int(end - i));
+    return end - i >= kLanes ? load(row_ + i) : load_partial(row_ + i, int(std::max<int64_t>(0, end - i)));
   }
 
   // Max sweep over one chunk; merges the chunk max into the row totals and
   // rescales the running sums when it grows.
-  void scan_max(int64_t start, int64_t len) {
-    VecF m1 = splat(kNegInf), m2 = splat(kNegInf);
-    VecI first{}, lane_index{};
-    for (int l = 0; l < kLanes; ++l) lane_index[l] = l;
-    for (int64_t i = 0; i < len; i += kLanes) {
-      const VecF x = load_at(start + i, start + len);
+  // Per-lane running maxima over one stream of vectors.
+  struct LaneMax {
+    VecF m1 = splat(kNegInf), m2 = splat(kNegInf);  // largest, second largest
+    VecI first{};                                    // chunk index of m1's first occurrence
+
+    void push(VecF x, VecI index) {
       const VecI gt = x > m1;
       if constexpr (kTrackSecond) {
         const VecF lower = gt ? m1 : x;
         m2 = lower > m2 ? lower : m2;
       }
-      if constexpr (kTrackArgmax) first = gt ? lane_index + int32_t(i) : first;
+      if constexpr (kTrackArgmax) first = gt ? index : first;
       m1 = gt ? x : m1;
     }
-    const float chunk_max = reduce_max(m1);
+  };
+
+  // Max sweep over one chunk; merges the chunk max into the row totals and
+  // rescales the running sums when it grows. Two interleaved streams break
+  // the compare-select dependency chain (latency-bound with one).
+  void scan_max(int64_t start, int64_t len) {
+    LaneMax even, odd;
+    VecI lane_index{};
+    for (int l = 0; l < kLanes; ++l) lane_index[l] = l;
+    for (int64_t i = 0; i < len; i += 2 * kLanes) {
+      even.push(load_at(start + i, start + len), lane_index + int32_t(i));
+      odd.push(load_at(start + i + kLanes, start + len), lane_index + int32_t(i + kLanes));
+    }
+    const float chunk_max = std::max(reduce_max(even.m1), reduce_max(odd.m1));
     if constexpr (kTrackSecond) {
-      for (int l = 0; l < kLanes; ++l) {
-        totals_.push_top2(m1[l]);
-        totals_.push_top2(m2[l]);
+      for (const LaneMax* s : {&even, &odd}) {
+        for (int l = 0; l < kLanes; ++l) {
+          totals_.push_top2(s->m1[l]);
+          totals_.push_top2(s->m2[l]);
+        }
       }
     }
     const float old_max = totals_.max;
@@ -120,8 +137,10 @@ class RowSampler {
       }
       if constexpr (kTrackArgmax) {
         int32_t best = int32_t(len);
-        for (int l = 0; l < kLanes; ++l) {
-          if (m1[l] == chunk_max && first[l] < best) best = first[l];
+        for (const LaneMax* s : {&even, &odd}) {
+          for (int l = 0; l < kLanes; ++l) {
+            if (s->m1[l] == chunk_max && s->first[l] < best) best = s->first[l];
+          }
         }
         totals_.argmax = start + best;
       }
@@ -133,21 +152,25 @@ class RowSampler {
     const float max = totals_.max;
     if (max == kNegInf || !(kNeedZ1 || kNeedZt)) return ChunkSum{max, 0.0f};
     const VecF vmax = splat(max), vinv_t = splat(inv_t_);
-    VecF z1{}, s1{}, zt{};
-    for (int64_t i = 0; i < len; i += kLanes) {
-      const VecF d = load_at(start + i, start + len) - vmax;
+    VecF z1[2] = {}, s1[2] = {}, zt[2] = {};  // two streams, as in scan_max
+    auto add = [&](int k, VecF x) {
+      const VecF d = x - vmax;
       if constexpr (kNeedZ1) {
         const VecF d1 = clamp_exp_arg(d);
         const VecF e1 = exp_nonpositive(d1);
-        z1 += e1;
-        if constexpr (Mode == ConfidenceMode::kEntropy) s1 += e1 * d1;
+        z1[k] += e1;
+        if constexpr (Mode == ConfidenceMode::kEntropy) s1[k] += e1 * d1;
       }
-      if constexpr (kNeedZt) zt += exp_nonpositive(clamp_exp_arg(d * vinv_t));
+      if constexpr (kNeedZt) zt[k] += exp_nonpositive(clamp_exp_arg(d * vinv_t));
+    };
+    for (int64_t i = 0; i < len; i += 2 * kLanes) {
+      add(0, load_at(start + i, start + len));
+      add(1, load_at(start + i + kLanes, start + len));
     }
-    const float z1_chunk = reduce_add(z1);
+    const float z1_chunk = reduce_add(z1[0] + z1[1]);
     totals_.z1 += z1_chunk;
-    if constexpr (Mode == ConfidenceMode::kEntropy) totals_.s1 += reduce_add(s1);
-    return ChunkSum{max, kNeedZt ? reduce_add(zt) : z1_chunk};
+    if constexpr (Mode == ConfidenceMode::kEntropy) totals_.s1 += reduce_add(s1[0] + s1[1]);
+    return ChunkSum{max, kNeedZt ? reduce_add(zt[0] + zt[1]) : z1_chunk};
   }
 
   // Inverse CDF: the first column whose running probability mass exceeds
