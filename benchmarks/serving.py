@@ -147,7 +147,7 @@ async def main(argv=None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model id (default: the server's first model)")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency, "
                                                                    "at least 16)")
     parser.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. Once upon a time")

@@ -191,11 +191,12 @@ class Generation:
                 if text:
                     yield self._text(choice, text)
             elif isinstance(event, FinishedEvent):
-                if event.reason == "cancelled":
-                    await self.cancel(None)  # the siblings of a choice cancelled from outside
                 text, stopped = choice.text.flush()
                 tokens = min(event.completion_tokens, choice.text.num_tokens) if stopped else event.completion_tokens
-                yield self._finish(choice, text, "stop" if stopped else event.reason, tokens)
+                delta = self._finish(choice, text, "stop" if stopped else event.reason, tokens)
+                if event.reason == "cancelled":
+                    await self.cancel(None)  # the siblings of a choice cancelled from outside
+                yield delta
             else:
                 choice.error = event
                 log.error("generation failed", extra={"engine_id": choice.engine_id, "error": event.message,

@@ -8,7 +8,8 @@ sets PROMETHEUS_MULTIPROC_DIR before any process imports prometheus_client)
 lets any worker render everyone's values on one page. The engine's gauges
 that are not in that directory (an in-process engine, an engine that is
 down) are filled in from the control block through `client.state()`, which
-every worker can read without a message.
+every worker can read without a message, along with the engine's state and
+heartbeat age.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class EngineStateCollector:
         yield GaugeMetricFamily(PREFIX + "engine_heartbeat_age_seconds", "Seconds since the engine's last heartbeat",
                                 value=state.heartbeat_age)
         ready = GaugeMetricFamily(PREFIX + "engine_state", "1 for the engine's current state", labels=["state"])
-        ready.add_metric([_state_name(state.state)], 1)
+        ready.add_metric([state.state.name.lower()], 1)
         yield ready
 
 
@@ -99,28 +100,15 @@ class _Families:
 
 def render(metrics: HttpMetrics, engine_client) -> bytes:
     """The Prometheus text of every process: all workers' and the engine's
-    files in multiprocess mode, else this process's registries (the
-    in-process engine client may bring its own)."""
+    files in multiprocess mode, else this process's registry; then the
+    engine's load gauges from the control block where nobody exported them."""
     if multiprocess_dir():
         source = CollectorRegistry()
         MultiProcessCollector(source)
     else:
         source = metrics.registry
-    families = {}
-    engine_registry = getattr(engine_client, "metrics_registry", None)
-    registries = [source] if multiprocess_dir() or engine_registry is None else [source, engine_registry]
-    for registry in registries:
-        for family in registry.collect():
-            if family.name in families:  # a counter both sides keep (cancellations): one family
-                families[family.name].samples += family.samples
-            else:
-                families[family.name] = family
-    for family in EngineStateCollector(engine_client, set(families)).collect():
-        families[family.name] = family
+    families = list(source.collect())
+    families += EngineStateCollector(engine_client, {f.name for f in families}).collect()
     page = CollectorRegistry(auto_describe=False)
-    page.register(_Families(list(families.values())))
+    page.register(_Families(families))
     return generate_latest(page)
-
-
-def _state_name(state) -> str:
-    return getattr(state, "name", str(state)).lower()

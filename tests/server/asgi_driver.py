@@ -56,6 +56,21 @@ class _Collector(ASGIResponseEventCollector):
     __call__ = collect
 
 
+class _Emitter(ASGIRequestEventEmitter):
+    """Counts the body bytes the app has taken."""
+
+    def __init__(self, body: bytes, chunk_size: int):
+        super().__init__(body, chunk_size=chunk_size)
+        self.body_bytes_read = 0
+
+    async def emit(self):
+        event = await super().emit()
+        self.body_bytes_read += len(event.get("body", b""))
+        return event
+
+    __call__ = emit
+
+
 class InFlight:
     """A request whose response is still coming."""
 
@@ -103,7 +118,7 @@ class AsgiClient:
         elif body:
             headers["Content-Length"] = str(len(body))
         scope = create_scope(path=path, method=method, headers=headers)
-        emitter = ASGIRequestEventEmitter(body, chunk_size=chunk_size)
+        emitter = _Emitter(body, chunk_size=chunk_size)
         collector = _Collector()
         task = asyncio.create_task(self.app(scope, emitter, collector))
         return InFlight(task, emitter, collector)

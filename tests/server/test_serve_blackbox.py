@@ -17,7 +17,6 @@ import openai
 import orjson
 import pytest
 
-from asgi_driver import parse_sse
 from dfastllm.testing import write_tiny_llada
 from serve_process import ServeProcess
 from server import responses
