@@ -257,14 +257,16 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
 
 @pytest.mark.timeout(90)
 def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir):
-    running = RunningEngine(engine_config(tiny_llada_dir, drain_timeout_s=4.0))
+    # The drain timeout sits between the short request's 4 steps and the
+    # endless one's 500 (steps over a 502-token canvas: 5 to 300 ms here).
+    running = RunningEngine(engine_config(tiny_llada_dir, drain_timeout_s=3.0))
     engine_process = running.supervisor.engine
     try:
         async def main():
             client = EngineClient(running.layout())
             await client.start()
             try:
-                short = await client.submit("finishes", [100, 101], SamplingParams(max_tokens=16, ignore_eos=True))
+                short = await client.submit("finishes", [100, 101], SamplingParams(max_tokens=4, ignore_eos=True))
                 endless = await client.submit("outlives-drain", [100, 102],
                                               SamplingParams(max_tokens=500, block_length=500, ignore_eos=True))
                 stopping = asyncio.get_running_loop().run_in_executor(None, running.stop)
@@ -272,7 +274,7 @@ def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir)
                 with pytest.raises(EngineUnavailable):
                     await client.submit("late", [100], SamplingParams(max_tokens=4))
                 tokens, final = await read_all(short)
-                assert isinstance(final, FinishedEvent) and final.reason == "length" and len(tokens) == 16
+                assert isinstance(final, FinishedEvent) and final.reason == "length" and len(tokens) == 4
                 _, final = await read_all(endless)
                 assert isinstance(final, ErrorEvent) and not final.engine_failed
                 assert "shut down" in final.message
