@@ -16,6 +16,9 @@ from .conftest import DEVICES, DTYPES, make_logits
 from ._parity import assert_matches_reference
 
 N, V = 37, 3001
+# Row stride 3008: rows start 16-byte aligned (the CUDA kernel's vector path)
+# while V stays odd (its remainder path).
+ALIGNED_PAD = 7
 MIXED_T = [0.0, 1.0, 0.5, 1.7, 0.05]
 
 
@@ -32,7 +35,7 @@ def random_seeds(n: int, device: str, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", CONFIDENCE_MODES)
 def test_matches_reference_every_dtype_and_mode(device, dtype, mode, gen):
-    logits = make_logits(N, V, dtype, device, gen)
+    logits = make_logits(N, V, dtype, device, gen, pad=ALIGNED_PAD)
     offset = int(torch.randint(0, 2**40, (1,), generator=gen))
     assert_matches_reference(
         logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen), offset=offset, confidence=mode
@@ -48,7 +51,11 @@ def test_scalar_temperature_and_seed(device, temperature, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pad,lead", [(13, 0), (3, 1), (0, 5)], ids=["stride+13", "stride+4-offset1", "offset5"])
+@pytest.mark.parametrize(
+    "pad,lead",
+    [(13, 0), (3, 1), (0, 5), (15, 8)],
+    ids=["stride+13", "stride+4-offset1", "offset5", "aligned-stride+23-offset8"],
+)
 def test_strided_and_misaligned_rows(device, dtype, pad, lead, gen):
     logits = make_logits(N, V, dtype, device, gen, pad=pad, lead=lead)
     assert logits.stride(0) == V + pad + lead
@@ -60,20 +67,21 @@ def test_strided_and_misaligned_rows(device, dtype, pad, lead, gen):
 def test_large_vocabulary_rows(device, gen):
     # Many CPU chunks and CUDA segments per row, a vocabulary that is not a
     # multiple of any vector width.
-    logits = make_logits(4, 152064 + 37, torch.bfloat16, device, gen)
+    logits = make_logits(4, 152064 + 37, torch.bfloat16, device, gen, pad=3)  # stride 152104: aligned
     for mode in ("low_confidence", "entropy"):
         assert_matches_reference(logits, mixed_temperatures(4, device), seed=random_seeds(4, device, gen), confidence=mode)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_greedy_ties_take_first_index(device, dtype):
-    logits = torch.zeros(3, 4099, dtype=dtype, device=device)
-    logits[1, [7, 2500, 4098]] = 2.0
-    logits[2, 4098] = 1.0
+@pytest.mark.parametrize("v", [4099, 4104])
+def test_greedy_ties_take_first_index(device, dtype, v):
+    logits = torch.zeros(3, v, dtype=dtype, device=device)
+    logits[1, [7, 2500, v - 1]] = 2.0
+    logits[2, v - 1] = 1.0
     tokens, conf = sample_tokens(logits, 0.0, seed=0)
-    assert tokens.tolist() == [0, 7, 4098]
-    assert conf[0].item() == pytest.approx(1 / 4099, rel=1e-5)
+    assert tokens.tolist() == [0, 7, v - 1]
+    assert conf[0].item() == pytest.approx(1 / v, rel=1e-5)
     _, margin = sample_tokens(logits, 0.0, seed=0, confidence="margin")
     assert margin[:2].tolist() == [0.0, 0.0]
 
@@ -81,7 +89,7 @@ def test_greedy_ties_take_first_index(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_logits_count_as_negative_infinity(device, dtype, gen):
-    logits = make_logits(N, V, dtype, device, gen)
+    logits = make_logits(N, V, dtype, device, gen, pad=ALIGNED_PAD)
     top = logits.float().argmax(dim=-1)
     logits[torch.arange(N), top] = float("nan")  # hide each row's maximum
     logits[:, :50] = float("nan")
