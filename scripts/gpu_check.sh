@@ -43,14 +43,14 @@ fi
 
 say "tests/ops"
 # --confcutdir keeps conftest files above tests/ops (and their imports) out.
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/ops tests/ops \
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/ops tests/ops \
   --junitxml="$OUT_DIR/ops-tests.xml" 2>&1 | tee "$OUT_DIR/ops-tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 
 say "benchmark"
-timeout 240 "$PY" benchmarks/kernels.py --device cuda --json >"$OUT_DIR/bench-cuda.log" 2>&1
+timeout 150 "$PY" benchmarks/kernels.py --device cuda --json >"$OUT_DIR/bench-cuda.log" 2>&1
 bench_rc=$?
-timeout 60 "$PY" benchmarks/kernels.py --device cpu --quick --ref-repeats 1 --json >"$OUT_DIR/bench-cpu.log" 2>&1
+timeout 40 "$PY" benchmarks/kernels.py --device cpu --quick --ref-repeats 1 --json >"$OUT_DIR/bench-cpu.log" 2>&1
 grep -v '^{' "$OUT_DIR/bench-cuda.log" "$OUT_DIR/bench-cpu.log"
 
 say "summary"
