@@ -1,4 +1,6 @@
-"""Drive the ASGI app in this process the way a real HTTP client does.
+"""Run the app in this process (`running_app`: the real app over an
+`InProcessEngineClient`, inside its ASGI lifespan) and drive it the way a
+real HTTP client does.
 
 falcon.testing's `simulate_*` signal a client disconnect as soon as the body
 is sent, which our disconnect watch (rightly) answers by cancelling the
@@ -10,9 +12,17 @@ when a test says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import orjson
-from falcon.testing import ASGIRequestEventEmitter, ASGIResponseEventCollector, create_scope
+from falcon.testing import ASGIConductor, ASGIRequestEventEmitter, ASGIResponseEventCollector, create_scope
+
+from dfastllm.config import ServerConfig
+from dfastllm.engine.client import InProcessEngineClient
+from server.app import create_app
+
+MODEL = "tiny"
+MAX_MODEL_LEN = 512
 
 
 class Response:
@@ -134,3 +144,21 @@ class AsgiClient:
 
     async def delete(self, path: str, **kwargs) -> Response:
         return await self.request("DELETE", path, **kwargs)
+
+
+class RunningApp(AsgiClient):
+    def __init__(self, app, engine: InProcessEngineClient, config: ServerConfig):
+        super().__init__(app)
+        self.engine = engine
+        self.config = config
+
+
+@contextlib.asynccontextmanager
+async def running_app(loaded_model, **config_fields):
+    """The app over an in-process engine, started and stopped through its lifespan."""
+    config = ServerConfig(model=loaded_model.path, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN,
+                          **config_fields)
+    engine = InProcessEngineClient(loaded_model, config)
+    app = create_app(config, engine, tokenizer=loaded_model.tokenizer)
+    async with ASGIConductor(app):
+        yield RunningApp(app, engine, config)

@@ -11,8 +11,7 @@ import re
 import pytest
 
 import dfastllm
-from asgi_driver import parse_sse
-from conftest import MAX_MODEL_LEN, MODEL, running_app
+from asgi_driver import MAX_MODEL_LEN, MODEL, parse_sse, running_app
 from server import responses
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import MAX_MODEL_LEN, MODEL
+from asgi_driver import MAX_MODEL_LEN, MODEL
 from server.responses import ChatCompletionResponse, CompletionResponse, ErrorResponse
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
