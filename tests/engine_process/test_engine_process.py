@@ -21,8 +21,9 @@ from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, decode
 from tests.engine_process.conftest import RunningEngine, engine_config, start_client_process, wait_until
 
 # A canvas of 4 + 400 tokens at one token per step: a few seconds on the tiny
-# model, long enough to still be running whatever a test does meanwhile.
-LONG = dict(max_tokens=400, block_length=40)
+# model, long enough to still be running whatever a test does meanwhile;
+# blocks of 4, so the first tokens come out within 4 steps.
+LONG = dict(max_tokens=400, block_length=4)
 
 
 def random_requests(rng: random.Random, prefix: str, n: int) -> list[dict]:
@@ -228,8 +229,6 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
             try:
                 streams = [await client.submit(f"doomed-{i}", [90 + i, 91], SamplingParams(**LONG))
                            for i in range(4)]
-                for stream in streams:
-                    await anext(stream)
                 generation = client.state().generation
                 killed_at = time.monotonic()
                 os.kill(running.supervisor.engine.pid, signal.SIGKILL)
