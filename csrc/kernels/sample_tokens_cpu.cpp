@@ -1,4 +1,4 @@
-// sample_tokens on the CPU: one thread per range of rows, one sweep per row.
+// sample_tokens on the CPU: rows handed out to threads, one sweep per row.
 //
 // A row is processed in chunks of kChunk columns that stay in L1: a max
 // sweep (plus first-argmax or top-2 lanes where needed), then an exp sweep
