@@ -84,11 +84,18 @@ class ChoiceText:
         self.num_tokens = 0
 
     def push(self, token_ids) -> tuple[str, bool]:
-        self.num_tokens += len(token_ids)
-        text = self.decoder.push(token_ids)
         if self.stops is None:
-            return text, False
-        return self.stops.push(text)
+            self.num_tokens += len(token_ids)
+            return self.decoder.push(token_ids), False
+        # One token at a time, so that the count ends at the token that completed the stop string.
+        pieces = []
+        for token in token_ids:
+            self.num_tokens += 1
+            text, stopped = self.stops.push(self.decoder.push([token]))
+            pieces.append(text)
+            if stopped:
+                return "".join(pieces), True
+        return "".join(pieces), False
 
     def flush(self) -> tuple[str, bool]:
         """The held-back tail at the end of the generation (a stop string may

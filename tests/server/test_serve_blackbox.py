@@ -103,6 +103,20 @@ def test_chat_completions_with_the_openai_client(oai):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == result.usage.completion_tokens
 
 
+def test_finish_reasons_and_usage(oai):
+    whole = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=32,
+                                   extra_body={"ignore_eos": True}).choices[0].text
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    stopped = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=32, stop=[stop],
+                                     extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == whole[:whole.index(stop)]
+    # usage counts the tokens returned (up to the stop), not max_tokens
+    assert 0 < stopped.usage.completion_tokens < 32
+    natural = oai.completions.create(model=MODEL, prompt="Hello", max_tokens=400)  # EOS, or the length
+    assert (natural.choices[0].finish_reason == "stop") == (natural.usage.completion_tokens < 400)
+
+
 def test_models_with_the_openai_client(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == [MODEL]

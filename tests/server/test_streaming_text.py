@@ -86,3 +86,12 @@ def test_stop_string_over_token_boundaries(tiny_model):
         if stopped:
             break
     assert stopped and "".join(out) == "The capital of France is "
+
+
+def test_tokens_are_counted_up_to_the_one_that_completes_the_stop_string(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    ids = tokenizer.encode("one two three four five six")
+    needed = next(k for k in range(1, len(ids) + 1) if "three" in tokenizer.decode(ids[:k]))
+    choice = ChoiceText(tokenizer, ["three"])
+    text, stopped = choice.push(ids)  # the whole block in one event
+    assert stopped and text == "one two " and choice.num_tokens == needed < len(ids)
