@@ -54,6 +54,19 @@ def _tool(module: str, program: str) -> str:
     return found
 
 
+def _drop_foreign_cache(build_dir: Path) -> None:
+    """A build folder copied from another checkout (a Docker COPY, a moved
+    tree) makes CMake refuse to configure; start that one afresh."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:INTERNAL="):
+            if Path(line.split("=", 1)[1]).resolve() != ROOT:
+                shutil.rmtree(build_dir)
+            return
+
+
 class CMakeBuild(build_ext):
     def build_extensions(self) -> None:
         import pybind11
@@ -64,6 +77,7 @@ class CMakeBuild(build_ext):
         # A fixed folder in the tree keeps rebuilds incremental (editable
         # installs would otherwise configure from scratch in a temp folder).
         build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        _drop_foreign_cache(build_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = _tool("cmake", "cmake")
         configure = [
