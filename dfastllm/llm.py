@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 import torch
 
+from dfastllm.checkpoints import DEFAULT_MODEL_DIR
 from dfastllm.engine.core import EngineCore
 from dfastllm.models import LoadedModel, load_model
 from dfastllm.sampling_params import SamplingParams
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llada")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

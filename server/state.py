@@ -8,27 +8,17 @@ import json
 import os
 import time
 
-import dfastllm
+from dfastllm.checkpoints import CONFIG_FILES, DEFAULT_MODEL_DIR, resolve_checkpoint
 from dfastllm.config import ServerConfig
 from server.metrics import HttpMetrics
 from server.schemas import Limits
-
-
-# The embedded default model (dfastllm.llm.DEFAULT_MODEL_DIR, which imports torch).
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(dfastllm.__file__)), "assets", "tiny-llada")
 
 
 def checkpoint_dir(model: str | None) -> str:
     """The local directory of the configured model: the embedded default, a
     directory, or a hub id (only its small JSON/template files are fetched
     here; the engine downloads the weights)."""
-    if model is None:
-        return DEFAULT_MODEL_DIR
-    if os.path.isdir(model):
-        return model
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(model, allow_patterns=["*.json", "*.jinja"])
+    return resolve_checkpoint(model or DEFAULT_MODEL_DIR, files=CONFIG_FILES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
-import sys
-import time
 
 import torch
 from safetensors import safe_open
 
+from dfastllm.checkpoints import CheckpointDownloadError, is_transient, resolve_checkpoint  # noqa: F401 (API)
 from dfastllm.models import dream, llada
 from dfastllm.tokenizer import Tokenizer
 
@@ -154,74 +152,3 @@ def _read_json(path: str) -> dict:
         raise FileNotFoundError(f"{path} does not exist")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-# --- hub resolution -----------------------------------------------------------
-
-def resolve_checkpoint(path_or_hub_id, *, download=None, attempts: int = 5,
-                       base_delay_s: float = 1.0, max_delay_s: float = 30.0,
-                       sleep=time.sleep) -> str:
-    """A local directory as is; otherwise a hub id, downloaded with retries.
-
-    Transient failures (network, timeouts, IO, HTTP 429/5xx) are retried with
-    exponential backoff and full jitter, up to `attempts` tries; permanent ones
-    (unknown repo, gated, 4xx, bad id, offline mode) fail at once."""
-    path = os.fspath(path_or_hub_id)
-    if os.path.isdir(path):
-        return path
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if download is None:
-        from huggingface_hub import snapshot_download
-
-        def download(repo_id):
-            return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
-    for attempt in range(1, attempts + 1):
-        try:
-            return download(path)
-        except Exception as e:
-            if attempt == attempts or not is_transient(e):
-                raise CheckpointDownloadError(
-                    f"{path} is not a local directory, and downloading it from the hub failed "
-                    f"after {attempt} attempt(s): {type(e).__name__}: {e}") from e
-            sleep(random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1))))
-    raise AssertionError("unreachable")
-
-
-class CheckpointDownloadError(OSError):
-    """A hub id could not be downloaded; `__cause__` is the last error."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying a failed hub download may succeed."""
-    try:
-        from huggingface_hub import errors as hub
-        permanent = (hub.RepositoryNotFoundError, hub.RevisionNotFoundError,
-                     hub.HFValidationError, hub.OfflineModeIsEnabled)
-    except ImportError:
-        permanent = ()
-    if isinstance(exc, permanent):
-        return False
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status is not None:
-        return status == 429 or status >= 500
-    if isinstance(exc, (TimeoutError, ConnectionError)) or _is_transport_error(exc):
-        return True
-    # The hub client wraps a network failure (e.g. LocalEntryNotFoundError
-    # when nothing is cached); judge it by its cause.
-    if exc.__cause__ is not None:
-        return is_transient(exc.__cause__)
-    return isinstance(exc, OSError) and not isinstance(
-        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    # httpx (and httpx2, which huggingface_hub uses) and requests transport
-    # failures: connection refused/reset, timeouts, protocol errors. A library
-    # that is not imported cannot have raised.
-    for module, names in (("httpx", ("TransportError",)), ("httpx2", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(exc, tuple(getattr(mod, n) for n in names)):
-            return True
-    return False

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from dfastllm import LLM, SamplingParams
-from dfastllm.llm import DEFAULT_MODEL_DIR
+from dfastllm.checkpoints import DEFAULT_MODEL_DIR
 
 from .conftest import generate, prompt
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfastllm.models import load_model
-from dfastllm.models.loader import CheckpointDownloadError, is_transient, resolve_checkpoint
+from dfastllm.checkpoints import CheckpointDownloadError, is_transient, resolve_checkpoint
 from dfastllm.testing import write_tiny_llada
 
 pytestmark = pytest.mark.timeout(60)
