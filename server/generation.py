@@ -15,6 +15,7 @@ How a request ends early:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import math
@@ -52,6 +53,25 @@ class Choice:
         self.error: ErrorEvent | None = None
 
 
+class RequestSpan:
+    """The worker's tracing span of one generation request (tracing on),
+    a child of the client's W3C `traceparent`, from admission to the last
+    delta. It is entered in a context of its own, so that whichever task
+    finishes the request (a stream's finaliser included) can end it."""
+
+    def __init__(self, name: str, traceparent: str | None, attributes: dict) -> None:
+        self._context = contextvars.copy_context()
+        self._span = tracing.request_span(name, traceparent=traceparent, attributes=attributes)
+        self._context.run(self._span.__enter__)
+        self.traceparent = self._context.run(tracing.current_traceparent)  # what the engine's spans hang under
+
+    def end(self, error: BaseException | None = None) -> None:
+        span, self._span = self._span, None
+        if span is not None:
+            self._context.run(span.__exit__, type(error) if error else None, error,
+                              error.__traceback__ if error else None)
+
+
 class Generation:
     def __init__(self, state, prompts: list[list[int]], choices: list[Choice], *, channel, started: float):
         self.state = state
@@ -64,6 +84,7 @@ class Generation:
         self.cancel_reason: str | None = None
         self._first_text_sent = False
         self._tasks: set[asyncio.Task] = set()
+        self.span: RequestSpan | None = None
 
     @classmethod
     def build(cls, state, request_id: str, request, prompts: list[list[int]], *, channel, started: float):
@@ -93,11 +114,22 @@ class Generation:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, *, span_name: str = "generation", traceparent: str | None = None) -> None:
         """Submit every engine request. If the engine refuses one, those
         already admitted are cancelled and the refusal propagates (the error
-        handler maps it: 409, 503, ...)."""
-        trace_context = tracing.current_traceparent()
+        handler maps it: 409, 503, ...). With tracing on, the request's span
+        (`span_name`, child of the client's `traceparent` header) starts here
+        and its context travels in the SUBMITs."""
+        if tracing.enabled():
+            self.span = RequestSpan(span_name, traceparent, {"dfastllm.request_id": self.choices[0].engine_id,
+                                                             "dfastllm.choices": len(self.choices)})
+        try:
+            await self._submit(self.span.traceparent if self.span else "")
+        except BaseException as error:
+            self._end_span(error)
+            raise
+
+    async def _submit(self, trace_context: str) -> None:
         results = await asyncio.gather(
             *(self.engine.submit(c.engine_id, c.prompt_ids, c.params, trace_context=trace_context)
               for c in self.choices), return_exceptions=True)
@@ -140,15 +172,25 @@ class Generation:
         """Text deltas of all choices as the engine commits tokens; each
         choice ends with one delta that carries its finish reason. An engine
         failure raises (503 if the engine died, else 500)."""
-        source = self._choice_deltas(self.choices[0]) if len(self.choices) == 1 else self._merged()
-        async for delta in source:
-            yield delta
-        self.metrics.e2e.observe(time.perf_counter() - self.started)
-        failed = [c.error for c in self.choices if c.error is not None]
-        if failed:
-            if any(e.engine_failed for e in failed):
-                raise Unavailable("The engine failed while generating; retry shortly.")
-            raise InternalError("The generation failed.")
+        try:
+            source = self._choice_deltas(self.choices[0]) if len(self.choices) == 1 else self._merged()
+            async for delta in source:
+                yield delta
+            self.metrics.e2e.observe(time.perf_counter() - self.started)
+            failed = [c.error for c in self.choices if c.error is not None]
+            if failed:
+                if any(e.engine_failed for e in failed):
+                    raise Unavailable("The engine failed while generating; retry shortly.")
+                raise InternalError("The generation failed.")
+        except Exception as error:
+            self._end_span(error)
+            raise
+        finally:
+            self._end_span(None)  # finished, or the client left (the stream was closed)
+
+    def _end_span(self, error: BaseException | None) -> None:
+        if self.span is not None:
+            self.span.end(error)
 
     async def collect(self) -> list[Choice]:
         async for delta in self.deltas():

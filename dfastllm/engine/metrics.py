@@ -9,7 +9,7 @@ module must be imported after the environment is set (the engine process
 imports it from `main`).
 
 Only what the engine alone knows is counted here: steps, tokens per step,
-queue time, load and device memory, and the cancellations the engine decides
+queue time, load and device memory, the circuit breaker, and the cancellations the engine decides
 itself (deadline, dead worker). Success, latency and rejections are counted
 by the HTTP workers, which see the client's view.
 """
@@ -55,6 +55,11 @@ class EngineMetrics:
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
                                     "Time from arrival at the engine to the first denoising step of the request",
                                     buckets=QUEUE_TIME_BUCKETS, registry=r)
+        self.circuit_state = Gauge(PREFIX + "circuit_state",
+                                   "The engine's circuit breaker: 0 closed, 1 open (refusing requests), 2 half-open",
+                                   registry=r, multiprocess_mode="livemostrecent")
+        self.circuit_opened = Counter(PREFIX + "circuit_opened_total",
+                                      "Times repeated generation failures opened the circuit breaker", registry=r)
         # Same name as the workers' counter: multiprocess mode sums by labels, and the
         # engine only uses the reasons it alone decides ("deadline", "worker_gone").
         self.cancelled = Counter(PREFIX + "request_cancelled_total", "Requests cancelled before they finished",

@@ -2,9 +2,18 @@
 
 Started by the supervisor with the configuration in $DFASTLLM_CONFIG_JSON and
 the IPC base name in $DFASTLLM_IPC_NAME. It attaches the shared segments the
-supervisor created, loads the model (state LOADING), warms it up (WARMING),
-and then serves (READY) until SIGTERM, which drains (DRAINING): new SUBMITs
-are refused, running requests finish for up to drain_timeout_s, then exit 0.
+supervisor created, loads the model (state LOADING), warms it up (WARMING:
+a short generation of the common shapes, with the configured KV cache mode
+and default block length, so the first request does not pay for lazy
+initialisation; `--no-warmup` skips it), and then serves (READY) until
+SIGTERM, which drains (DRAINING): new SUBMITs are refused, running requests
+finish for up to drain_timeout_s, then exit 0.
+
+A failure that a restart cannot cure (a bad checkpoint or configuration)
+ends the process with EXIT_PERMANENT_FAILURE and its message in the file
+$DFASTLLM_ENGINE_FAILURE_FILE names, so the supervisor gives up at once
+with that message instead of restarting; anything else exits 1 and the
+supervisor restarts the engine.
 
 The loop (EngineCore does no IO; this wrapper owns the rings):
   1. follow the worker slots: a worker that left or died loses its requests;
@@ -15,7 +24,8 @@ The loop (EngineCore does no IO; this wrapper owns the rings):
   4. flush response backlogs: a full ring is backpressure, never loss and
      never a blocked engine; a worker that stays full past a limit is
      treated as gone;
-  5. publish load (queue depth, running, device memory) in the control block;
+  5. publish load (queue depth, running, device memory) and the circuit
+     breaker's state in the control block;
   6. idle: sleep on the engine doorbell (a futex every request-ring put
      rings), at most IDLE_WAIT_S so the periodic checks still run.
 
@@ -35,6 +45,7 @@ import threading
 import time
 
 from dfastllm.config import ServerConfig
+from dfastllm.engine.circuit import CircuitBreaker
 from dfastllm.engine.router import Reply, RequestRouter
 from dfastllm.ipc import EngineState, IpcLayout
 from dfastllm.ipc.channels import Channel, WorkerChannels
@@ -50,6 +61,13 @@ DEVICE_MEMORY_INTERVAL_S = 2.0
 WORKER_STALL_LIMIT_S = 10.0  # a response ring full this long without progress: the worker is gone
 MAX_BACKLOG_MESSAGES = 65536  # or this many messages waiting for one worker
 
+EXIT_PERMANENT_FAILURE = os.EX_CONFIG  # 78: restarting cannot help
+FAILURE_FILE_ENV = "DFASTLLM_ENGINE_FAILURE_FILE"  # where the supervisor reads why
+# Test hook: the first N steps after READY fail inside EngineCore.step
+# ("injected fault"), to exercise the circuit breaker against a real engine.
+# Never set in production.
+FAULT_INJECT_ENV = "DFASTLLM_FAULT_INJECT_STEP_ERRORS"
+
 
 class EngineProcess:
     """The loop around one EngineCore, serving the workers of one IPC layout."""
@@ -61,8 +79,10 @@ class EngineProcess:
         self.core = core
         self.metrics = metrics
         self.channels = WorkerChannels(layout)
+        circuit = CircuitBreaker(failures=config.circuit_failures, cooldown_s=config.circuit_cooldown_s)
         self.router = RequestRouter(core, dedup_window_s=config.dedup_window_s, max_queue=config.max_queue,
-                                    request_timeout_s=config.request_timeout_s, metrics=metrics)
+                                    request_timeout_s=config.request_timeout_s, metrics=metrics, circuit=circuit)
+        self._published_circuit: tuple | None = None
         self.stop_requested = False  # set by SIGTERM
         self._drain_deadline: float | None = None
         self._stalled_since: dict[int, float] = {}
@@ -75,6 +95,7 @@ class EngineProcess:
     def serve(self) -> int:
         """Run until drained (SIGTERM) or orphaned; returns the exit code."""
         self._discard_stale_requests()
+        self._publish_circuit()  # a predecessor's OPEN is not ours
         self.control.set_state(EngineState.READY)
         logger.info("engine ready", extra={"slots": self.layout.n_slots})
         while True:
@@ -188,8 +209,23 @@ class EngineProcess:
             self.control.publish_device_memory(used, total)
             if self.metrics is not None:
                 self.metrics.device_memory.set(used)
+        self._publish_circuit()
         if self.control.config_version != self._config_version:
             self._reload_config()
+
+    def _publish_circuit(self) -> None:
+        """The breaker's state, when it changed (the probe time it publishes
+        with OPEN is absolute, so nothing needs refreshing in between)."""
+        circuit = self.router.circuit
+        seen = (circuit.state, circuit.times_opened)
+        if seen == self._published_circuit:
+            return
+        self.control.publish_circuit(circuit.state, circuit.retry_after())
+        if self.metrics is not None:
+            self.metrics.circuit_state.set(int(circuit.state))
+            if self._published_circuit is not None:
+                self.metrics.circuit_opened.inc(circuit.times_opened - self._published_circuit[1])
+        self._published_circuit = seen
 
     def _reload_config(self) -> None:
         """Apply the runtime-tunable settings (PATCH /admin/config writes the
@@ -261,6 +297,26 @@ def load_core(config: ServerConfig):
     return llm.engine
 
 
+def is_permanent_failure(error: BaseException) -> bool:
+    """Whether a failure to load (or warm up) can only repeat on a restart:
+    a malformed or incomplete checkpoint, an impossible setting, a hub id
+    that does not exist. Transient I/O errors were retried by the loader
+    already; those, out-of-memory and the rest get a restart."""
+    from dfastllm.models.loader import CheckpointDownloadError, is_transient
+
+    if isinstance(error, CheckpointDownloadError):
+        return error.__cause__ is not None and not is_transient(error.__cause__)
+    return isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
+                              NotADirectoryError, IsADirectoryError))
+
+
+def report_permanent_failure(message: str) -> None:
+    path = os.environ.get(FAILURE_FILE_ENV)
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(message)
+
+
 def main() -> int:
     config = ServerConfig.from_process_env()
     from dfastllm import tracing
@@ -289,12 +345,27 @@ def main() -> int:
     try:
         logger.info("loading model", extra={"model": config.model or "(embedded tiny model)",
                                             "generation": generation})
-        core = load_core(config)
-        if config.warmup:
-            control.set_state(EngineState.WARMING)
-            started = time.perf_counter()
-            core.warmup()
-            logger.info("warm-up done", extra={"seconds": round(time.perf_counter() - started, 3)})
+        try:
+            core = load_core(config)
+            if config.warmup:
+                control.set_state(EngineState.WARMING)
+                started = time.perf_counter()
+                core.warmup(block_length=config.default_block_length)
+                logger.info("warm-up done", extra={"seconds": round(time.perf_counter() - started, 3),
+                                                   "kv_cache": config.kv_cache,
+                                                   "block_length": config.default_block_length})
+        except Exception as error:
+            if not is_permanent_failure(error):
+                raise
+            message = f"cannot serve {config.model or 'the embedded tiny model'}: {type(error).__name__}: {error}"
+            logger.error("%s (not retrying: a restart cannot fix this)", message)
+            report_permanent_failure(message)
+            control.set_state(EngineState.FAILED)
+            return EXIT_PERMANENT_FAILURE
+        core.inject_step_errors = int(os.environ.get(FAULT_INJECT_ENV) or 0)
+        if core.inject_step_errors:
+            logger.warning("fault injection: the next %d denoising steps will fail (%s)", core.inject_step_errors,
+                           FAULT_INJECT_ENV)
         engine = EngineProcess(config, layout, core, EngineMetrics())
         code = engine.serve()
     except Exception:

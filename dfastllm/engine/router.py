@@ -12,7 +12,9 @@ Protocol facts decided here:
   first token, and can answer 409/503 before sending any header;
 - a cancelled request gets FINISHED(cancelled) on its owner's ring, because
   EngineCore.abort emits nothing; the canceller gets CANCEL_ACK;
-- a request that failed in a step gets ERROR; the engine runs on.
+- a request that failed in a step gets ERROR; the engine runs on, unless
+  steps keep failing: then the circuit breaker (`circuit.py`) refuses new
+  SUBMITs with NOT_READY until a probe request succeeds.
 
 Torch-free: the in-process client imports it from `dfastllm.engine.client`.
 """
@@ -24,6 +26,8 @@ import dataclasses
 import time
 
 from dfastllm import tracing
+from dfastllm.config import ServerConfig
+from dfastllm.engine.circuit import CircuitBreaker
 from dfastllm.ipc.messages import (Cancel, CancelAck, Error, Finished, FinishReason, Message, Rejected, RejectReason,
                                    Submit, Tokens)
 
@@ -80,10 +84,14 @@ class _Live:
 
 class RequestRouter:
     def __init__(self, core, *, dedup_window_s: float, max_queue: int, request_timeout_s: float,
-                 metrics=None) -> None:
-        """`core` is an EngineCore; `metrics` an EngineMetrics or None."""
+                 metrics=None, circuit: CircuitBreaker | None = None) -> None:
+        """`core` is an EngineCore; `metrics` an EngineMetrics or None;
+        `circuit` defaults to one with the configuration's default settings."""
         self.core = core
         self.metrics = metrics
+        defaults = ServerConfig()
+        self.circuit = circuit or CircuitBreaker(failures=defaults.circuit_failures,
+                                                 cooldown_s=defaults.circuit_cooldown_s)
         self.recent_ids = RecentRequestIds(dedup_window_s)
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
@@ -104,6 +112,7 @@ class RequestRouter:
             self.core.add_request(rid, list(msg.prompt_token_ids), msg.params,
                                   deadline=submitted_at + self.request_timeout_s)
         except ValueError as error:
+            self.circuit.request_done(rid, succeeded=False)  # a half-open probe that never ran
             return [(slot, Rejected(rid, RejectReason.INVALID, str(error)))]
         # Only an admitted request consumes its id: a refused one may be retried.
         self.recent_ids.add(rid)
@@ -119,6 +128,7 @@ class RequestRouter:
         if live is None:
             return [(slot, CancelAck(msg.reply_tag, False))]
         self.core.abort(msg.request_id)
+        self.circuit.request_done(msg.request_id, succeeded=False)
         return [(live.slot, self._finished(msg.request_id, live, FinishReason.CANCELLED)),
                 (slot, CancelAck(msg.reply_tag, True))]
 
@@ -129,6 +139,9 @@ class RequestRouter:
             return RejectReason.DUPLICATE_ID, f"request id {rid!r} was used recently"
         if self.core.num_waiting >= self.max_queue:
             return RejectReason.QUEUE_FULL, f"the engine queue is full ({self.max_queue} requests waiting)"
+        circuit_open = self.circuit.admit(rid)  # last: in HALF_OPEN this makes `rid` the probe
+        if circuit_open is not None:
+            return RejectReason.NOT_READY, circuit_open
         return None
 
     # ---- engine -> worker ---------------------------------------------------
@@ -137,6 +150,9 @@ class RequestRouter:
         steps_before = self.core.stats.steps
         started = time.perf_counter()
         outputs = self.core.step()
+        failed = any(out.finish_reason == "error" for out in outputs)
+        if failed or self.core.stats.steps > steps_before:
+            self.circuit.step_done(failed=failed)
         if self.metrics is not None:
             if self.core.stats.steps > steps_before:
                 self.metrics.observe_step(time.perf_counter() - started)
@@ -161,6 +177,7 @@ class RequestRouter:
             if out.finish_reason is None:
                 continue
             del self.live[out.request_id]
+            self.circuit.request_done(out.request_id, succeeded=out.finish_reason in ("stop", "length"))
             if out.finish_reason == "error":
                 replies.append((live.slot, Error(out.request_id, out.error or "generation failed")))
                 continue
@@ -175,6 +192,7 @@ class RequestRouter:
         for rid in dropped:
             del self.live[rid]
             self.core.abort(rid)
+            self.circuit.request_done(rid, succeeded=False)
         if dropped and self.metrics is not None:
             self.metrics.cancelled.labels(reason=reason).inc(len(dropped))
         return dropped
@@ -184,6 +202,7 @@ class RequestRouter:
         replies = []
         for rid, live in self.live.items():
             self.core.abort(rid)
+            self.circuit.request_done(rid, succeeded=False)
             replies.append((live.slot, Error(rid, message)))
         self.live.clear()
         return replies

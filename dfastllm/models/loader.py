@@ -3,20 +3,34 @@ native modules: config.json -> family, tokenizer, safetensors weights checked
 name by name and shape by shape, then `load_state_dict(assign=True)` into a
 model built on the meta device. One path for the 8B models and the tiny test
 checkpoints.
+
+Loading survives transient failures: a hub download (`dfastllm.checkpoints`)
+and reading the local files (an I/O error on a network filesystem) are
+retried with exponential backoff and full jitter; permanent errors (a
+malformed config.json, an unknown model_type, a missing or misshapen tensor,
+a missing file, an unparsable safetensors file) raise at once with a message
+naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import random
+import time
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dfastllm.checkpoints import CheckpointDownloadError, is_transient, resolve_checkpoint  # noqa: F401 (API)
 from dfastllm.models import dream, llada
 from dfastllm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+READ_ATTEMPTS = 4  # tries at reading a local checkpoint while its I/O errors look transient
 
 # config.json `model_type` -> (family, config class, model class, name table).
 FAMILIES = {
@@ -39,11 +53,28 @@ class LoadedModel:
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
-               download=None) -> LoadedModel:
+               download=None, attempts: int = READ_ATTEMPTS, base_delay_s: float = 1.0, max_delay_s: float = 30.0,
+               sleep=time.sleep) -> LoadedModel:
     """dtype defaults to bf16 on CUDA (the checkpoints' native dtype) and fp32
     elsewhere (CPU bf16 matmuls are slow and lose precision for no gain).
-    `download(repo_id) -> directory` replaces the hub client (tests)."""
-    directory = resolve_checkpoint(path_or_hub_id, download=download)
+    `download(repo_id) -> directory` replaces the hub client (tests). Reading
+    the files gets up to `attempts` tries while its errors look transient
+    (`is_transient`); the download retries on its own terms."""
+    directory = resolve_checkpoint(path_or_hub_id, download=download, sleep=sleep)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _load_directory(directory, device, dtype)
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            logger.warning("reading the checkpoint %s failed (attempt %d of %d): %s: %s; retrying in %.1f s",
+                           directory, attempt, attempts, type(e).__name__, e, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _load_directory(directory: str, device, dtype: torch.dtype | None) -> LoadedModel:
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -74,7 +105,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.
     state = {}
     for file, tensor_shapes in files.items():
         # Straight onto the device, one tensor at a time (no host copy of the model).
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _open_safetensors(file, device=str(device)) as f:
             for name in tensor_shapes:
                 state[names[name]] = f.get_tensor(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
@@ -122,9 +153,18 @@ def _weight_files(directory: str) -> dict[str, dict[str, tuple]]:
         raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     files = {}
     for p in paths:
-        with safe_open(p, framework="pt") as f:
+        with _open_safetensors(p) as f:
             files[p] = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     return files
+
+
+def _open_safetensors(path: str, device: str = "cpu"):
+    """safe_open; a file it cannot parse is a ValueError naming the file
+    (permanent), while an I/O error stays an OSError (maybe transient)."""
+    try:
+        return safe_open(path, framework="pt", device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
 
 
 def _check_tensors(files: dict[str, dict[str, tuple]], expected: dict[str, tuple],

@@ -25,7 +25,7 @@ class ChatCompletions:
         prompt = tokenizer.encode(tokenizer.apply_chat_template(request.message_dicts()), add_special_tokens=False)
         generation = Generation.build(self.state, req.context.request_id, request, [prompt],
                                       channel=channel_of(req), started=req.context.started)
-        await generation.start()
+        await generation.start(span_name="POST /v1/chat/completions", traceparent=req.get_header("traceparent"))
         req.context.admitted = True
         head = {"id": f"chatcmpl-{req.context.request_id}", "created": int(time.time()),
                 "model": self.state.model.name}

@@ -21,7 +21,7 @@ class Completions:
         prompts = [self.state.tokenizer.encode(p, add_special_tokens=True) for p in request.prompt]
         generation = Generation.build(self.state, req.context.request_id, request, prompts,
                                       channel=channel_of(req), started=req.context.started)
-        await generation.start()
+        await generation.start(span_name="POST /v1/completions", traceparent=req.get_header("traceparent"))
         req.context.admitted = True
         head = {"id": f"cmpl-{req.context.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": self.state.model.name}
