@@ -1,8 +1,9 @@
 """`dfastllm serve`: the supervisor process. Imports no torch.
 
 It owns what outlives any one engine or worker:
-- the shared-memory segments (created at start under a fresh base name,
-  removed at stop; a crashed run's leftovers are removed at the next start),
+- the shared-memory segments (the IPC layout and the HTTP workers'
+  rate-limit table, created at start under a fresh base name, removed at
+  stop; a crashed run's leftovers are removed at the next start),
 - the Prometheus multiprocess directory (a fresh temporary folder),
 - the engine process: started as a fresh interpreter
   (`python -m dfastllm.engine.process`), restarted after a crash with
@@ -34,7 +35,9 @@ import threading
 import time
 
 from dfastllm.config import CONFIG_ENV, ServerConfig
-from dfastllm.ipc import ENV_NAME, EngineState, IpcLayout, new_base_name, remove_stale_segments
+from dfastllm.ipc import EngineState, IpcLayout, new_base_name, remove_stale_segments
+from dfastllm.ipc.rate_limit import RateLimitTable
+from dfastllm.ipc.rate_limit import segment_name as rate_limit_segment
 
 logger = logging.getLogger("dfastllm.supervisor")
 
@@ -64,6 +67,7 @@ class Supervisor:
         self.config = config
         self.http = http  # False: engine only (tests, benchmarks)
         self.layout: IpcLayout | None = None
+        self.rate_limits: RateLimitTable | None = None  # the HTTP workers' shared counters
         self.metrics_dir: str | None = None
         self.env: dict[str, str] = {}
         self.engine: subprocess.Popen | None = None
@@ -82,6 +86,7 @@ class Supervisor:
         self.metrics_dir = tempfile.mkdtemp(prefix="dfastllm-metrics-")
         self.layout = IpcLayout.create(new_base_name(), n_slots=2 * self.config.workers,
                                        config=self.config.to_json().encode())
+        self.rate_limits = RateLimitTable.create(rate_limit_segment(self.layout.base_name))
         self.env = {**os.environ, CONFIG_ENV: self.config.to_json(), **self.layout.env(),
                     "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         self.start_engine()
@@ -186,6 +191,9 @@ class Supervisor:
             self.layout.control.set_state(EngineState.STOPPED)
             self.layout.unlink()
             self.layout = None
+        if self.rate_limits is not None:
+            self.rate_limits.unlink()
+            self.rate_limits = None
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir = None

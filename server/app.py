@@ -2,11 +2,13 @@
 
 The chain, outermost first: the ASGI channel wrapper (body cap, disconnect
 watch), then Falcon's middleware in order — request identity and API version
-(so every response, errors included, carries them), HTTP metrics, the
-declared-length body limit, CORS (only with configured origins), API keys,
-and the engine attach/detach of the worker's lifespan. New stages (rate
-limit, load shedding, audit) slot in after auth. Errors of every stage go
-to the one handler in `server.errors`.
+(so every response, errors included, carries them), the runtime settings
+check (PATCH /admin/config on any worker), the request log (audit record at
+the end of every request), HTTP metrics, the declared-length body limit,
+CORS (only with configured origins), API keys, admission (engine state,
+circuit breaker, load shedding, rate limit) and the engine attach/detach of
+the worker's lifespan. Errors of every stage go to the one handler in
+`server.errors`.
 """
 
 from __future__ import annotations
@@ -17,14 +19,20 @@ import falcon.media
 import orjson
 
 from dfastllm.config import ServerConfig
+from dfastllm.ipc.rate_limit import RateLimitTable
+from dfastllm.ipc.rate_limit import segment_name as rate_limit_segment
 from server.errors import handle_error
 from server.metrics import HttpMetrics
+from server.middleware.admission import Admission, TrustedProxies
+from server.middleware.audit import AuditSink, RequestLog
 from server.middleware.auth import ApiKeyAuth
 from server.middleware.body_limit import BodyLimit
 from server.middleware.channel import ChannelApp
 from server.middleware.http_metrics import HttpMetricsMiddleware
 from server.middleware.identity import RequestIdentity
 from server.middleware.lifespan import EngineLifespan
+from server.middleware.runtime_config import ConfigRefresh, SharedConfig
+from server.resources.admin import AdminConfig
 from server.resources.chat import ChatCompletions
 from server.resources.completions import Completions
 from server.resources.health import Live, Ready
@@ -36,9 +44,11 @@ from server.resources.version import OpenApi, Version
 from server.state import ServedModel, ServerState, checkpoint_dir
 
 
-def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: ServedModel | None = None):
+def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: ServedModel | None = None,
+               rate_limits: RateLimitTable | None = None):
     """The ASGI app of one worker. `model` and `tokenizer` default to those
-    of the checkpoint `config.model` names."""
+    of the checkpoint `config.model` names; `rate_limits` (the table all
+    workers share) to one of this process alone."""
     if model is None:
         model = ServedModel.from_checkpoint(config, checkpoint_dir(config.model))
     if tokenizer is None:
@@ -48,12 +58,21 @@ def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: Se
     state = ServerState(config=config, engine=engine_client, tokenizer=tokenizer, model=model,
                         metrics=HttpMetrics())
 
-    middleware = [RequestIdentity(), HttpMetricsMiddleware(state.metrics), BodyLimit(config.max_body_bytes)]
+    rate_limits = rate_limits if rate_limits is not None else RateLimitTable.private()
+    shared_config = SharedConfig(state, getattr(engine_client, "control", None))
+    proxies = TrustedProxies(config.trusted_proxies)
+    admission = Admission(state, rate_limits, proxies)
+    request_log = RequestLog(state, AuditSink.open(config.audit_log), proxies,
+                             tables=lambda: table_sizes(engine_client, rate_limits),
+                             on_generation_done=admission.record_service_time)
+
+    middleware = [RequestIdentity(), ConfigRefresh(shared_config), request_log, HttpMetricsMiddleware(state.metrics),
+                  BodyLimit(config.max_body_bytes)]
     if config.cors_origins:
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins,
                                                 expose_headers=["X-Request-ID", "X-API-Version"]))
     middleware += [ApiKeyAuth(config.api_keys, config.admin_keys, metrics_require_key=config.metrics_require_key),
-                   EngineLifespan(engine_client)]
+                   admission, EngineLifespan(engine_client)]
     app = falcon.asgi.App(middleware=middleware)
     json_handler = falcon.media.JSONHandler(dumps=lambda obj: orjson.dumps(obj).decode(), loads=orjson.loads)
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
@@ -74,7 +93,18 @@ def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: Se
     app.add_route("/metrics", Metrics(state))
     app.add_route("/version", Version())
     app.add_route("/openapi.json", OpenApi(state))
+    app.add_route("/admin/config", AdminConfig(shared_config, request_log))
     return ChannelApp(app, config.max_body_bytes)
+
+
+def table_sizes(engine_client, rate_limits: RateLimitTable) -> dict[str, int]:
+    """The tables that requests fill, for `dfastllm:internal_entries`: the
+    engine client's open streams, pending cancel acknowledgements and
+    background cancels (all emptied as requests end), and the clients the
+    shared rate-limit table holds (fixed capacity; expired entries reused)."""
+    return {"client_streams": len(engine_client._streams), "client_cancel_acks": len(engine_client._acks),
+            "client_background_tasks": len(engine_client._background),
+            "rate_limit_clients": rate_limits.claimed_entries}
 
 
 def create_app_from_env():
@@ -85,4 +115,5 @@ def create_app_from_env():
 
     config = ServerConfig.from_process_env()
     configure_logging("worker", level=config.log_level, fmt=config.log_format)
-    return create_app(config, EngineClient.attach_from_env())
+    client = EngineClient.attach_from_env()
+    return create_app(config, client, rate_limits=RateLimitTable.attach(rate_limit_segment(client.layout.base_name)))

@@ -2,6 +2,14 @@
 importing `server.asgi:app`, which attaches to the engine in its lifespan
 startup.
 
+`python -m server.launch` (the command `granian_argv` gives) runs
+Granian's server in this interpreter rather than through its command line,
+so that it can take a logging dictConfig: Granian's own lines and its
+access log (one line per request, with the request id) then go through
+dfastllm.log's formatter like every other line of the server: one JSON
+object per line (role "http" in Granian's main process; the workers set
+role "worker" when they import the app), or text with `--log-format text`.
+
 Every worker reads the configuration and the engine's shared-memory names
 from the environment the supervisor prepared (DFASTLLM_CONFIG_JSON,
 DFASTLLM_IPC_NAME) and PROMETHEUS_MULTIPROC_DIR, so that one /metrics shows
@@ -18,17 +26,47 @@ from dfastllm.config import ServerConfig
 APP_TARGET = "server.asgi:app"
 # On shutdown, how long a worker may take to end its streams before it is killed.
 WORKERS_KILL_TIMEOUT_S = 15
+ACCESS_LOG_FORMAT = '%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).3f ms'
 
 
 def granian_argv(config: ServerConfig) -> list[str]:
-    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", config.host,
-            "--port", str(config.port), "--workers", str(config.workers),
-            # One event-loop thread per worker: the work is IO and tokenization.
-            "--runtime-threads", "1", "--no-ws", "--respawn-failed-workers",
-            "--workers-kill-timeout", str(WORKERS_KILL_TIMEOUT_S), "--log-level", config.log_level,
-            APP_TARGET]
+    """The command; it takes the configuration from DFASTLLM_CONFIG_JSON."""
+    return [sys.executable, "-m", "server.launch"]
 
 
 def run_granian(config: ServerConfig, env: dict[str, str] | None = None, **popen_kwargs) -> subprocess.Popen:
     """Start Granian as a child process with `env` (the supervisor's)."""
     return subprocess.Popen(granian_argv(config), env=env, **popen_kwargs)
+
+
+def logging_config(config: ServerConfig, role: str = "http") -> dict:
+    """Granian's logging dictConfig: its loggers and the root write through
+    dfastllm.log's formatter to stderr."""
+    formatter = "dfastllm.log.JsonFormatter" if config.log_format == "json" else "dfastllm.log.TextFormatter"
+    level = config.log_level.upper()
+    handler = {"handlers": ["stderr"], "level": level, "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"dfastllm": {"()": formatter, "role": role}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "dfastllm",
+                                "stream": "ext://sys.stderr"}},
+        "loggers": {"_granian": dict(handler), "granian.access": dict(handler)},
+        "root": {"handlers": ["stderr"], "level": level},
+    }
+
+
+def serve(config: ServerConfig) -> None:
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    Server(APP_TARGET, address=config.host, port=config.port, interface=Interfaces.ASGI, workers=config.workers,
+           # One event-loop thread per worker: the work is IO and tokenization.
+           runtime_threads=1, websockets=False, respawn_failed_workers=True,
+           workers_kill_timeout=WORKERS_KILL_TIMEOUT_S, log_level=LogLevels(config.log_level),
+           log_dictconfig=logging_config(config), log_access=True, log_access_format=ACCESS_LOG_FORMAT).serve()
+
+
+if __name__ == "__main__":
+    serve(ServerConfig.from_process_env())

@@ -14,9 +14,11 @@ heartbeat age.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -32,6 +34,34 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+@dataclasses.dataclass
+class RequestUsage:
+    """The tokens of the one request a task serves, for its audit record."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# Set by the audit middleware for each request; the token counters credit it,
+# so the audit log and the metrics count the same tokens.
+request_usage: contextvars.ContextVar[RequestUsage | None] = contextvars.ContextVar("dfastllm_request_usage",
+                                                                                    default=None)
+
+
+class _TokenCounter:
+    """A Prometheus counter of tokens that also credits the current request."""
+
+    def __init__(self, counter: Counter, field: str):
+        self.counter = counter
+        self.field = field
+
+    def inc(self, amount: int = 1) -> None:
+        self.counter.inc(amount)
+        usage = request_usage.get()
+        if usage is not None:
+            setattr(usage, self.field, getattr(usage, self.field) + amount)
 
 
 class HttpMetrics:
@@ -50,10 +80,10 @@ class HttpMetrics:
                                  ["reason"], registry=r)
         self.rejected = Counter(PREFIX + "request_rejected_total", "Generation requests refused before admission",
                                 ["reason"], registry=r)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens_total", "Prompt tokens of admitted requests",
-                                     registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens_total", "Tokens returned to clients",
-                                         registry=r)
+        self.prompt_tokens = _TokenCounter(Counter(PREFIX + "prompt_tokens_total", "Prompt tokens of admitted requests",
+                                                   registry=r), "prompt_tokens")
+        self.generation_tokens = _TokenCounter(Counter(PREFIX + "generation_tokens_total", "Tokens returned to clients",
+                                                       registry=r), "completion_tokens")
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Request arrival to the first text sent",
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
@@ -63,6 +93,15 @@ class HttpMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.http_requests = Counter(PREFIX + "http_requests_total", "HTTP requests by route and status",
                                      ["method", "route", "status"], registry=r)
+        # Shows that nothing grows per request: set after every request. For a
+        # per-worker table, the largest worker's; for a shared one, its size.
+        self.internal_entries = Gauge(PREFIX + "internal_entries",
+                                      "Entries in a table that requests fill (largest over the live workers)",
+                                      ["table"], registry=r, multiprocess_mode="livemax")
+
+    def observe_tables(self, sizes: dict[str, int]) -> None:
+        for table, size in sizes.items():
+            self.internal_entries.labels(table).set(size)
 
 
 class EngineStateCollector:
@@ -79,6 +118,8 @@ class EngineStateCollector:
             "num_requests_running": ("Requests in the running batch", state.running),
             "num_requests_waiting": ("Requests admitted but not yet running", state.queue_depth),
             "device_memory_used_bytes": ("Device memory held by the engine", state.device_memory_used),
+            "circuit_state": ("The engine's circuit breaker: 0 closed, 1 open (refusing requests), 2 half-open",
+                              int(state.circuit_state)),
         }
         for name, (doc, value) in gauges.items():
             if PREFIX + name not in self.exported:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dfastllm
 from server import responses, schemas
+from server.resources import admin
 
 # (method, path) -> (summary, request model or None, response model, auth?)
 OPERATIONS = {
@@ -27,6 +28,9 @@ OPERATIONS = {
     ("get", "/metrics"): ("Prometheus text of all workers and the engine", None, None, False),
     ("get", "/version"): ("Package and API versions", None, responses.VersionInfo, False),
     ("get", "/openapi.json"): ("This document", None, None, False),
+    ("get", "/admin/config"): ("Runtime-tunable settings (admin key)", None, admin.AdminConfigResponse, True),
+    ("patch", "/admin/config"): ("Change runtime-tunable settings on every worker and the engine (admin key)",
+                                 admin.RuntimeSettingsPatch, admin.AdminConfigResponse, True),
 }
 STREAM_CHUNKS = (responses.CompletionChunk, responses.ChatCompletionChunk)
 

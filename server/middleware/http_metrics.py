@@ -4,6 +4,8 @@ requests refused before they reached the engine."""
 from __future__ import annotations
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# Clients may send any token as the method: others count as "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class HttpMetricsMiddleware:
@@ -13,7 +15,8 @@ class HttpMetricsMiddleware:
     async def process_response(self, req, resp, resource, req_succeeded) -> None:
         # The route template, not the path, keeps the label set bounded.
         route = req.uri_template or "unmatched"
-        self.metrics.http_requests.labels(req.method, route, str(resp.status_code)).inc()
+        method = req.method if req.method in KNOWN_METHODS else "other"
+        self.metrics.http_requests.labels(method, route, str(resp.status_code)).inc()
         code = getattr(req.context, "error_code", None)
         if code is not None and req.path in GENERATION_PATHS and not getattr(req.context, "admitted", False):
             self.metrics.rejected.labels(code).inc()

@@ -1,9 +1,12 @@
 """Probes: /health/live (the process runs) and /health/ready, /health (the
-engine is loaded, warmed up, heartbeating and not draining)."""
+engine is loaded, warmed up, heartbeating and not draining, and its circuit
+breaker is not open)."""
 
 from __future__ import annotations
 
+from dfastllm.ipc.rate_limit import retry_after_header
 from server.errors import Unavailable
+from server.middleware.admission import circuit_open
 
 # The engine beats at least every 0.5 s; this much silence means it is stuck or gone.
 HEARTBEAT_STALE_S = 5.0
@@ -25,4 +28,9 @@ class Ready:
         if name != "ready" or engine.heartbeat_age > HEARTBEAT_STALE_S:
             status = name if name != "ready" else "unresponsive"
             raise Unavailable(f"The engine is not ready (state: {status}).", extra={**fields, "state": status})
+        if circuit_open(engine):
+            raise Unavailable("The engine's circuit breaker is open after repeated failures.",
+                              headers={"Retry-After": retry_after_header(engine.circuit_retry_after_s)},
+                              extra={**fields, "circuit": "open",
+                                     "circuit_retry_after_s": round(engine.circuit_retry_after_s, 3)})
         resp.media = {"status": "ready", **fields}
