@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import time
 
@@ -14,18 +15,34 @@ import httpx
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "server"))
-from serve_process import ServeProcess  # noqa: E402  (tests/server is not a package)
+from serve_process import ServeProcess, free_port  # noqa: E402  (tests/server is not a package)
 
 from dfastllm.testing import write_tiny_llada  # noqa: E402
 
 MODEL = "tiny"
 
 
-def start_server(directory, *args: str) -> ServeProcess:
-    """`dfastllm serve` on a tiny checkpoint, 2 workers, JSON logs, ready."""
+class _ServeWithEnv(ServeProcess):
+    """ServeProcess with extra variables in the server's environment
+    (ServeProcess drops every DFASTLLM_* variable of the test's own)."""
+
+    def __init__(self, model_dir: str, log_path: str, *args: str, env: dict[str, str]):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "dfastllm.cli", "serve", "--model", model_dir, "--port", str(self.port), *args]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("DFASTLLM_")}
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**environment, **env})
+
+
+def start_server(directory, *args: str, env: dict[str, str] | None = None) -> ServeProcess:
+    """`dfastllm serve` on a tiny checkpoint, 2 workers, JSON logs, ready;
+    `env`: extra environment variables for the server."""
     checkpoint = write_tiny_llada(directory / "tiny", seed=5, max_sequence_length=512)
-    serve = ServeProcess(checkpoint, str(directory / "serve.log"), "--served-model-name", MODEL, "--workers", "2",
-                         "--no-warmup", "--log-format", "json", *args)
+    argv = [checkpoint, str(directory / "serve.log"), "--served-model-name", MODEL, "--workers", "2", "--no-warmup",
+            "--log-format", "json", *args]
+    serve = _ServeWithEnv(*argv, env=env) if env else ServeProcess(*argv)
     try:
         serve.wait_ready(timeout=150)
     except BaseException:
