@@ -20,8 +20,8 @@ from dfastllm import SamplingParams
 from dfastllm.config import CONFIG_ENV
 from dfastllm.engine.client import EngineClient, FinishedEvent
 from dfastllm.ipc import EngineState, IpcLayout, new_base_name
-from tests.engine_process.conftest import engine_config, start_client_process
-from tests.engine_process.test_engine_process import offline, random_requests, read_all
+
+from .helpers import engine_config, offline, random_requests, read_all, start_client_process
 
 RING_CAPACITY = 4096  # about a hundred TOKENS messages
 

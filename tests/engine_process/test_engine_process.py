@@ -12,49 +12,15 @@ import time
 
 import pytest
 
-from dfastllm import LLM, SamplingParams
+from dfastllm import SamplingParams
 from dfastllm.engine.client import (EngineClient, EngineRejected, EngineUnavailable, ErrorEvent, FinishedEvent,
                                     TokensEvent)
 from dfastllm.ipc import EngineState
 from dfastllm.ipc.control import SlotState
 from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, decode
-from tests.engine_process.conftest import RunningEngine, engine_config, start_client_process, wait_until
 
-# A canvas of 4 + 400 tokens at one token per step: a few seconds on the tiny
-# model, long enough to still be running whatever a test does meanwhile;
-# blocks of 4, so the first tokens come out within 4 steps.
-LONG = dict(max_tokens=400, block_length=4)
-
-
-def random_requests(rng: random.Random, prefix: str, n: int) -> list[dict]:
-    """Prompts of ordinary ids (special tokens have the lowest ids) and a mix
-    of decoding modes; sampling only with a seed, so the output is defined."""
-    modes = [dict(), dict(threshold=0.3), dict(remasking="random", seed=rng.randrange(2**62)),
-             dict(temperature=0.8, seed=rng.randrange(2**62)), dict(steps=None, block_length=8)]
-    requests = []
-    for i in range(n):
-        max_tokens = rng.choice([8, 16, 24, 40])
-        params = dict(max_tokens=max_tokens, block_length=rng.choice([8, max_tokens]),
-                      steps=max_tokens // 2, ignore_eos=rng.random() < 0.5)
-        params.update(modes[i % len(modes)])
-        prompt = [rng.randrange(20, 320) for _ in range(rng.randrange(1, 30))]
-        requests.append({"id": f"{prefix}-{i}", "prompt": prompt, "params": params})
-    return requests
-
-
-def offline(model_dir: str, requests: list[dict]) -> dict:
-    llm = LLM(model_dir, device="cpu")
-    outputs = llm.generate([r["prompt"] for r in requests], [SamplingParams(**r["params"]) for r in requests])
-    return {r["id"]: (o.token_ids, o.finish_reason) for r, o in zip(requests, outputs)}
-
-
-async def read_all(stream) -> tuple[list[int], object]:
-    tokens = []
-    async for event in stream:
-        if isinstance(event, TokensEvent):
-            tokens += event.ids
-        else:
-            return tokens, event
+from .helpers import (LONG, RunningEngine, engine_config, offline, random_requests, read_all,
+                      start_client_process, wait_until)
 
 
 @pytest.mark.timeout(120)

@@ -13,7 +13,8 @@ from dfastllm.engine.client import EngineRejected, EngineUnavailable, FinishedEv
 from dfastllm.ipc import EngineState
 from dfastllm.ipc.messages import RejectReason
 from dfastllm.models import load_model
-from tests.engine_process.test_engine_process import random_requests, read_all
+
+from .helpers import random_requests, read_all
 
 torch.set_num_threads(1)
 
