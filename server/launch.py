@@ -43,16 +43,16 @@ def logging_config(config: ServerConfig, role: str = "http") -> dict:
     """Granian's logging dictConfig: its loggers and the root write through
     dfastllm.log's formatter to stderr."""
     formatter = "dfastllm.log.JsonFormatter" if config.log_format == "json" else "dfastllm.log.TextFormatter"
-    level = config.log_level.upper()
-    handler = {"handlers": ["stderr"], "level": level, "propagate": False}
+    # No level of their own: they follow the root's, which PATCH /admin/config sets.
+    through_root = {"handlers": ["stderr"], "propagate": False}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"dfastllm": {"()": formatter, "role": role}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "dfastllm",
                                 "stream": "ext://sys.stderr"}},
-        "loggers": {"_granian": dict(handler), "granian.access": dict(handler)},
-        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {"_granian": dict(through_root), "granian.access": dict(through_root)},
+        "root": {"handlers": ["stderr"], "level": config.log_level.upper()},
     }
 
 

@@ -10,9 +10,10 @@ error, and the wrapper's `close` runs then).
 The audit log (`--audit-log PATH`, or `-` for stdout) gets one JSON line
 per request and per admin action: time, request id, key id (a hash prefix,
 never the key), client address, method and path, status, model, prompt and
-completion tokens, duration. Every worker opens the file with O_APPEND and
-writes each line with one write(), so lines from several workers never
-interleave. Prompt and completion text never go there.
+completion tokens, duration, and the request's `user` field when the
+resource recorded it in `req.context.user`. Every worker opens the file
+with O_APPEND and writes each line with one write(), so lines from several
+workers never interleave. Prompt and completion text never go there.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import orjson
 
 from server.errors import MAX_ECHO_CHARS, clip
 from server.metrics import RequestUsage, request_usage
+from server.middleware.channel import channel_of
 from server.middleware.http_metrics import GENERATION_PATHS
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,8 @@ class RequestLog:
         usage = getattr(req.context, "usage", None) or RequestUsage()
         path = clip(req.path, MAX_ECHO_CHARS)
         generation = req.path in GENERATION_PATHS and getattr(req.context, "admitted", False)
-        if generation and resp.status_code == 200:
+        # A client that left early says nothing about how long a generation takes.
+        if generation and resp.status_code == 200 and not channel_of(req).disconnected.is_set():
             self.on_generation_done(duration)
         self.state.metrics.observe_tables(self.tables())
         if self.sink.enabled:
@@ -104,7 +107,7 @@ class RequestLog:
                 "method": req.method, "path": path, "status": resp.status_code,
                 "model": self.state.model.name if req.path in GENERATION_PATHS else None,
                 "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "duration_s": round(duration, 6), "pid": os.getpid(),
+                "duration_s": round(duration, 6), "user": getattr(req.context, "user", None), "pid": os.getpid(),
             })
         log.debug("request done", extra={"method": req.method, "path": path, "status": resp.status_code,
                                          "duration_s": round(duration, 6), "prompt_tokens": usage.prompt_tokens,

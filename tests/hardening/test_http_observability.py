@@ -156,20 +156,27 @@ def test_a_change_reaches_every_worker_and_the_engine(server, http, admin):
         version = admin.patch("/admin/config", json={"request_timeout_s": 1.0}).json()["version"]
         assert wait_for(lambda: any(line["role"] == "engine" and line.get("config_version") == version
                                     for line in json_lines(server.log_path)))
+        assert admin.patch("/admin/config", json={"log_level": "warning"}).status_code == 200
         started = time.monotonic()
+        quiet = rid("quiet")
         body = http.post("/v1/completions", json=completion(max_tokens=480, steps=480, block_length=4,
-                                                            ignore_eos=True)).json()
+                                                            ignore_eos=True), headers={"X-Request-ID": quiet}).json()
         assert body["choices"][0]["finish_reason"] == "cancelled" and time.monotonic() - started < 30
+        # At warning, not even Granian's access log writes a line for it.
+        assert audit_of(server, quiet)
+        time.sleep(0.5)
+        assert not [line for line in json_lines(server.log_path) if line.get("request_id") == quiet]
     finally:
         restored = admin.patch("/admin/config", json={"default_max_tokens": 128, "log_level": "info",
                                                       "request_timeout_s": 600.0})
         assert restored.status_code == 200
     # Each change is audit-logged with the values before and after.
     changes = [r for r in audit_records(server) if r["event"] == "admin"]
-    assert changes[-3]["before"] == {"default_max_tokens": 128, "log_level": "info"}
-    assert changes[-3]["after"] == {"default_max_tokens": 3, "log_level": "debug"}
-    assert changes[-2]["after"] == {"request_timeout_s": 1.0} and changes[-3]["key_id"] == key_id(ADMIN)
+    assert changes[-4]["before"] == {"default_max_tokens": 128, "log_level": "info"}
+    assert changes[-4]["after"] == {"default_max_tokens": 3, "log_level": "debug"}
+    assert [c["after"] for c in changes[-3:-1]] == [{"request_timeout_s": 1.0}, {"log_level": "warning"}]
     assert changes[-1]["after"] == {"default_max_tokens": 128, "log_level": "info", "request_timeout_s": 600.0}
+    assert {change["key_id"] for change in changes} == {key_id(ADMIN)}
 
 
 # ------------------------------------------------------- request-id reuse
