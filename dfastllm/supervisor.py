@@ -8,7 +8,9 @@ It owns what outlives any one engine or worker:
 - the engine process: started as a fresh interpreter
   (`python -m dfastllm.engine.process`), restarted after a crash with
   exponential backoff while the control block says FAILED, given up after
-  `engine_restart_limit` consecutive crashes that never reached READY,
+  `engine_restart_limit` consecutive crashes that never reached READY, or at
+  once when the engine exits with EXIT_PERMANENT_FAILURE (a bad checkpoint
+  or setting: its message is logged, no restart can help),
 - Granian (`python -m granian --interface asgi server.asgi:app`, the
   command `server.launch.granian_argv` builds), whose master process
   respawns its own workers.
@@ -35,6 +37,7 @@ import threading
 import time
 
 from dfastllm.config import CONFIG_ENV, ServerConfig
+from dfastllm.engine.process import EXIT_PERMANENT_FAILURE, FAILURE_FILE_ENV
 from dfastllm.ipc import EngineState, IpcLayout, new_base_name, remove_stale_segments
 from dfastllm.ipc.rate_limit import RateLimitTable
 from dfastllm.ipc.rate_limit import segment_name as rate_limit_segment
@@ -69,6 +72,8 @@ class Supervisor:
         self.layout: IpcLayout | None = None
         self.rate_limits: RateLimitTable | None = None  # the HTTP workers' shared counters
         self.metrics_dir: str | None = None
+        self.failure_file: str | None = None  # where an engine says why it cannot ever start
+        self.failure_message: str | None = None
         self.env: dict[str, str] = {}
         self.engine: subprocess.Popen | None = None
         self.granian: subprocess.Popen | None = None
@@ -87,8 +92,9 @@ class Supervisor:
         self.layout = IpcLayout.create(new_base_name(), n_slots=2 * self.config.workers,
                                        config=self.config.to_json().encode())
         self.rate_limits = RateLimitTable.create(rate_limit_segment(self.layout.base_name))
+        self.failure_file = os.path.join(tempfile.mkdtemp(prefix="dfastllm-engine-"), "failure")
         self.env = {**os.environ, CONFIG_ENV: self.config.to_json(), **self.layout.env(),
-                    "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+                    "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir, FAILURE_FILE_ENV: self.failure_file}
         self.start_engine()
         if self.http:
             self.start_http()
@@ -136,6 +142,11 @@ class Supervisor:
                 self._failures_before_ready = 0
                 logger.info("engine ready", extra={"generation": control.generation})
             code = self.engine.poll()
+            if code == EXIT_PERMANENT_FAILURE:
+                self.failure_message = self._read_failure()
+                logger.error("the engine cannot start; not restarting it: %s", self.failure_message)
+                self.engine = None
+                return False
             if code is not None:
                 self._engine_died(code)
                 if self._failures_before_ready >= self.config.engine_restart_limit:
@@ -150,6 +161,13 @@ class Supervisor:
             self.granian = None
             return False
         return True
+
+    def _read_failure(self) -> str:
+        try:
+            with open(self.failure_file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return "(the engine left no message)"
 
     def _engine_died(self, code: int) -> None:
         pid = self.engine.pid
@@ -194,9 +212,10 @@ class Supervisor:
         if self.rate_limits is not None:
             self.rate_limits.unlink()
             self.rate_limits = None
-        if self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            self.metrics_dir = None
+        for folder in (self.metrics_dir, self.failure_file and os.path.dirname(self.failure_file)):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.metrics_dir = self.failure_file = None
         logger.info("stopped")
 
     def _mark_metrics_dead(self, pid: int) -> None:

@@ -20,3 +20,9 @@ def test_invalid_option_values_are_refused_before_starting():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "max_batch_size must be >= 1" in done.stderr
+
+
+def test_supervisor_and_engine_client_import_no_torch():
+    code = ("import sys, dfastllm.cli, dfastllm.supervisor, dfastllm.engine.client; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

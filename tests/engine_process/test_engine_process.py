@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from dfastllm.engine.client import (EngineClient, EngineRejected, EngineUnavaila
 from dfastllm.ipc import EngineState
 from dfastllm.ipc.control import SlotState
 from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, decode
+from dfastllm.supervisor import Supervisor
 
 from .helpers import (LONG, RunningEngine, engine_config, offline, random_requests, read_all,
                       start_client_process, wait_until)
@@ -255,17 +257,40 @@ def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir)
 
 
 @pytest.mark.timeout(60)
-def test_supervisor_gives_up_on_an_engine_that_never_gets_ready(tmp_path):
-    from dfastllm.supervisor import Supervisor
-
+def test_supervisor_gives_up_at_once_on_a_checkpoint_it_cannot_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-diffusion-model"}))
-    supervisor = Supervisor(engine_config(str(tmp_path), engine_restart_limit=2), http=False)
+    supervisor = Supervisor(engine_config(str(tmp_path)), http=False)
     supervisor.start()
     base_name = supervisor.layout.base_name
     try:
         assert supervisor.supervise() == 1
-        assert supervisor.engine_starts == 2
+        assert supervisor.engine_starts == 1  # a restart could not help
+        assert "not-a-diffusion-model" in supervisor.failure_message
         assert supervisor.layout.control.state == EngineState.FAILED
     finally:
         supervisor.stop()
     assert [n for n in os.listdir("/dev/shm") if n.startswith(base_name)] == []
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_gives_up_after_the_restart_limit_of_crashes_before_ready(tiny_llada_dir):
+    supervisor = Supervisor(engine_config(tiny_llada_dir, engine_restart_limit=2), http=False)
+    supervisor.start()
+    outcome = []
+    watcher = threading.Thread(target=lambda: outcome.append(supervisor.supervise()))
+    watcher.start()
+    try:
+        killed = set()
+        while watcher.is_alive():  # every engine dies while still loading
+            engine = supervisor.engine
+            if engine is not None and engine.pid not in killed:
+                os.kill(engine.pid, signal.SIGKILL)
+                killed.add(engine.pid)
+            time.sleep(0.01)
+        assert outcome == [1]
+        assert supervisor.engine_starts == len(killed) == 2
+        assert supervisor.layout.control.state == EngineState.FAILED
+    finally:
+        supervisor.stop_requested.set()
+        watcher.join()
+        supervisor.stop()
