@@ -217,7 +217,7 @@ def test_draining_drops_readiness_and_refuses_new_generations(server, http):
     finished = {}
 
     def long_stream():
-        body = completion(max_tokens=160, steps=160, block_length=8, ignore_eos=True, stream=True)
+        body = completion(max_tokens=96, steps=96, block_length=8, ignore_eos=True, stream=True)
         with http.stream("POST", "/v1/completions", json=body) as resp:
             events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
         finished["reason"] = orjson.loads(events[-2])["choices"][0]["finish_reason"]
