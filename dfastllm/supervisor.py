@@ -18,9 +18,11 @@ It owns what outlives any one engine or worker:
 Every child gets the configuration and the names in its environment:
 DFASTLLM_CONFIG_JSON, DFASTLLM_IPC_NAME, PROMETHEUS_MULTIPROC_DIR.
 
-SIGTERM or SIGINT stops cleanly: the engine drains (readiness drops at
-once, running requests finish for up to drain_timeout_s), then Granian
-stops, then the segments and the metrics folder are removed; exit 0.
+SIGTERM or SIGINT stops cleanly: the supervisor marks the engine DRAINING
+in the control block (readiness drops at once, the workers refuse new
+generations), the engine drains (it admits nothing new, running requests
+finish for up to drain_timeout_s), then Granian stops, then the segments and
+the metrics folder are removed. Exit 0 only if every child exited 0 too.
 """
 
 from __future__ import annotations
@@ -117,13 +119,14 @@ class Supervisor:
     # ---- watch --------------------------------------------------------------------
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT (-> clean stop, 0) or a failure we
-        cannot recover from (-> 1)."""
+        cannot recover from (-> 1); 1 as well when a child did not stop cleanly."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop_requested.set())
         try:
-            return self.supervise()
+            code = self.supervise()
         finally:
-            self.stop()
+            clean = self.stop()
+        return code or (0 if clean else 1)
 
     def supervise(self) -> int:
         """The watch loop without signal handling or stop (a test runs it in
@@ -194,16 +197,21 @@ class Supervisor:
         return False
 
     # ---- stop ---------------------------------------------------------------------
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Drain the engine, stop Granian, remove the segments and the metrics
-        folder. Safe to call more than once."""
+        folder. Safe to call more than once. True if every child it stopped
+        exited 0 (the engine drained in time, Granian closed its workers)."""
+        exit_codes = {}
         if self.engine is not None:
             logger.info("draining the engine", extra={"drain_timeout_s": self.config.drain_timeout_s})
-            _terminate(self.engine, self.config.drain_timeout_s + KILL_GRACE_S)
+            if self.engine.poll() is None:
+                # Readiness drops now, not when the engine's loop next looks at its signal.
+                self.layout.control.set_state(EngineState.DRAINING)
+            exit_codes["engine"] = _terminate(self.engine, self.config.drain_timeout_s + KILL_GRACE_S)
             self._mark_metrics_dead(self.engine.pid)
             self.engine = None
         if self.granian is not None:
-            _terminate(self.granian, HTTP_STOP_TIMEOUT_S + KILL_GRACE_S)
+            exit_codes["http"] = _terminate(self.granian, HTTP_STOP_TIMEOUT_S + KILL_GRACE_S)
             self.granian = None
         if self.layout is not None:
             self.layout.control.set_state(EngineState.STOPPED)
@@ -216,7 +224,9 @@ class Supervisor:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
         self.metrics_dir = self.failure_file = None
-        logger.info("stopped")
+        clean = all(code == 0 for code in exit_codes.values())
+        (logger.info if clean else logger.error)("stopped", extra={"exit_codes": exit_codes})
+        return clean
 
     def _mark_metrics_dead(self, pid: int) -> None:
         """The engine's live gauges leave /metrics with it."""
@@ -226,17 +236,20 @@ class Supervisor:
             multiprocess.mark_process_dead(pid, self.metrics_dir)
 
 
-def _terminate(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM, wait up to `timeout`, then SIGKILL."""
+def _terminate(process: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL; -> the exit code (None
+    if even SIGKILL did not end it in time)."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout)
-            return
+            return process.wait(timeout)
         except subprocess.TimeoutExpired:
             logger.error("process did not stop in time; killing it", extra={"pid": process.pid})
             process.kill()
-    process.wait(KILL_GRACE_S)
+    try:
+        return process.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def serve(config: ServerConfig) -> int:

@@ -110,10 +110,12 @@ def table_sizes(engine_client, rate_limits: RateLimitTable) -> dict[str, int]:
 def create_app_from_env():
     """The app of a Granian worker: configuration and engine names from the
     environment the supervisor set."""
+    from dfastllm import tracing
     from dfastllm.engine.client import EngineClient
     from dfastllm.log import configure_logging
 
     config = ServerConfig.from_process_env()
     configure_logging("worker", level=config.log_level, fmt=config.log_format)
+    tracing.setup_tracing(config.tracing, service_name="dfastllm-worker", endpoint=config.otlp_endpoint)
     client = EngineClient.attach_from_env()
     return create_app(config, client, rate_limits=RateLimitTable.attach(rate_limit_segment(client.layout.base_name)))
