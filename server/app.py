@@ -102,9 +102,7 @@ def table_sizes(engine_client, rate_limits: RateLimitTable) -> dict[str, int]:
     engine client's open streams, pending cancel acknowledgements and
     background cancels (all emptied as requests end), and the clients the
     shared rate-limit table holds (fixed capacity; expired entries reused)."""
-    return {"client_streams": len(engine_client._streams), "client_cancel_acks": len(engine_client._acks),
-            "client_background_tasks": len(engine_client._background),
-            "rate_limit_clients": rate_limits.claimed_entries}
+    return {**engine_client.table_sizes(), "rate_limit_clients": rate_limits.claimed_entries}
 
 
 def create_app_from_env():

@@ -136,6 +136,12 @@ class _ClientBase:
         self._background: set[asyncio.Task] = set()
         self.slot = 0
 
+    def table_sizes(self) -> dict[str, int]:
+        """Entries of the tables requests fill (open streams, pending cancel
+        acknowledgements, background cancels): all empty again once requests end."""
+        return {"client_streams": len(self._streams), "client_cancel_acks": len(self._acks),
+                "client_background_tasks": len(self._background)}
+
     async def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                      trace_context: str | None = None) -> RequestStream:
         generation = self._check_ready()

@@ -20,6 +20,7 @@ class ChatCompletions:
 
     async def on_post(self, req, resp) -> None:
         request = ChatCompletionRequest.from_body(await read_body(req), self.state.limits())
+        req.context.user = request.user  # for the audit log
         tokenizer = self.state.tokenizer
         # The template writes the special tokens (BOS) itself.
         prompt = tokenizer.encode(tokenizer.apply_chat_template(request.message_dicts()), add_special_tokens=False)

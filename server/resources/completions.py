@@ -18,6 +18,7 @@ class Completions:
 
     async def on_post(self, req, resp) -> None:
         request = CompletionRequest.from_body(await read_body(req), self.state.limits())
+        req.context.user = request.user  # for the audit log
         prompts = [self.state.tokenizer.encode(p, add_special_tokens=True) for p in request.prompt]
         generation = Generation.build(self.state, req.context.request_id, request, prompts,
                                       channel=channel_of(req), started=req.context.started)

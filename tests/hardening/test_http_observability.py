@@ -83,7 +83,7 @@ def test_api_version_is_checked_and_on_every_response(server, http):
 
 def test_audit_log_has_one_record_per_request(server, http):
     plain, streamed, unauthorized = rid("audit-plain"), rid("audit-stream"), rid("audit-401")
-    body = http.post("/v1/completions", json=completion(prompt=SECRET_PROMPT, max_tokens=3),
+    body = http.post("/v1/completions", json=completion(prompt=SECRET_PROMPT, max_tokens=3, user="team-7"),
                      headers={"X-Request-ID": plain}).json()
     with http.stream("POST", "/v1/completions", json=completion(max_tokens=4, stream=True, ignore_eos=True),
                      headers={"X-Request-ID": streamed}) as resp:
@@ -99,7 +99,7 @@ def test_audit_log_has_one_record_per_request(server, http):
     assert record["key_id"] == key_id(KEY) and record["client"] == "127.0.0.1"
     assert record["prompt_tokens"] == body["usage"]["prompt_tokens"] > 0
     assert record["completion_tokens"] == body["usage"]["completion_tokens"] > 0
-    assert record["duration_s"] > 0 and record["time"].endswith("+00:00")
+    assert record["duration_s"] > 0 and record["time"].endswith("+00:00") and record["user"] == "team-7"
     [record] = audit_of(server, streamed)  # written when the stream ended, with its tokens
     assert record["status"] == 200 and record["completion_tokens"] == 4 and record["prompt_tokens"] > 0
     [record] = audit_of(server, unauthorized)
