@@ -34,10 +34,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             print(f"dfastllm serve: error: {error}", file=sys.stderr)
             return 2
+        missing = missing_checkpoint(config.model)
+        if missing:
+            print(f"dfastllm serve: error: {missing}", file=sys.stderr)
+            return 2
         from dfastllm.supervisor import serve
 
         return serve(config)
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def missing_checkpoint(model: str | None) -> str | None:
+    """Why the configured model cannot be served, found before any process
+    starts (a hub id is left to the engine, which downloads it)."""
+    import os
+
+    from dfastllm.checkpoints import DEFAULT_MODEL_DIR
+
+    path = os.path.expanduser(model or DEFAULT_MODEL_DIR)
+    local = model is None or os.path.isdir(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if local and not os.path.isfile(os.path.join(path, "config.json")):
+        what = "the embedded default model" if model is None else "checkpoint directory"
+        return f"{what} {path} has no config.json (is it a LLaDA or Dream checkpoint?)"
+    return None
 
 
 if __name__ == "__main__":

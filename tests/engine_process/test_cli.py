@@ -22,6 +22,13 @@ def test_invalid_option_values_are_refused_before_starting():
     assert "max_batch_size must be >= 1" in done.stderr
 
 
+def test_a_directory_without_a_checkpoint_is_refused_before_starting(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dfastllm.cli", "serve", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert f"checkpoint directory {tmp_path} has no config.json" in done.stderr
+
+
 def test_supervisor_and_engine_client_import_no_torch():
     code = ("import sys, dfastllm.cli, dfastllm.supervisor, dfastllm.engine.client; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
