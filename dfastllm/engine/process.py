@@ -297,6 +297,22 @@ def load_core(config: ServerConfig):
     return llm.engine
 
 
+def prepare_core(config: ServerConfig, control):
+    """Load the model (state LOADING) and warm it up (WARMING) -> EngineCore."""
+    core = load_core(config)
+    if config.warmup:
+        control.set_state(EngineState.WARMING)
+        started = time.perf_counter()
+        core.warmup(block_length=config.default_block_length)
+        logger.info("warm-up done", extra={"seconds": round(time.perf_counter() - started, 3),
+                                           "kv_cache": config.kv_cache, "block_length": config.default_block_length})
+    core.inject_step_errors = int(os.environ.get(FAULT_INJECT_ENV) or 0)
+    if core.inject_step_errors:
+        logger.warning("fault injection: the next %d denoising steps will fail (%s)", core.inject_step_errors,
+                       FAULT_INJECT_ENV)
+    return core
+
+
 def is_permanent_failure(error: BaseException) -> bool:
     """Whether a failure to load (or warm up) can only repeat on a restart:
     a malformed or incomplete checkpoint, an impossible setting, a hub id
@@ -346,14 +362,7 @@ def main() -> int:
         logger.info("loading model", extra={"model": config.model or "(embedded tiny model)",
                                             "generation": generation})
         try:
-            core = load_core(config)
-            if config.warmup:
-                control.set_state(EngineState.WARMING)
-                started = time.perf_counter()
-                core.warmup(block_length=config.default_block_length)
-                logger.info("warm-up done", extra={"seconds": round(time.perf_counter() - started, 3),
-                                                   "kv_cache": config.kv_cache,
-                                                   "block_length": config.default_block_length})
+            core = prepare_core(config, control)
         except Exception as error:
             if not is_permanent_failure(error):
                 raise
@@ -362,10 +371,6 @@ def main() -> int:
             report_permanent_failure(message)
             control.set_state(EngineState.FAILED)
             return EXIT_PERMANENT_FAILURE
-        core.inject_step_errors = int(os.environ.get(FAULT_INJECT_ENV) or 0)
-        if core.inject_step_errors:
-            logger.warning("fault injection: the next %d denoising steps will fail (%s)", core.inject_step_errors,
-                           FAULT_INJECT_ENV)
         engine = EngineProcess(config, layout, core, EngineMetrics())
         code = engine.serve()
     except Exception:

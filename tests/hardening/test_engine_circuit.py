@@ -10,12 +10,13 @@ closes the circuit. The state reaches the control block (readiness) and
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
+from dfastllm.engine.circuit import CircuitBreaker
 from dfastllm.engine.process import FAULT_INJECT_ENV
+from dfastllm.ipc.control import CircuitState
 from engine_harness import EngineServer, completion, metrics, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,3 +87,36 @@ def test_failed_probe_reopens_and_one_successful_probe_closes(tmp_path):
             assert httpx.get(server.base_url + "/health/ready", timeout=5).status_code == 200
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_state_machine():
+    clock = FakeClock()
+    breaker = CircuitBreaker(failures=3, cooldown_s=10.0, clock=clock)
+    breaker.step_done(failed=True)
+    breaker.step_done(failed=True)
+    breaker.step_done(failed=False)  # a success in between: the count starts again
+    breaker.step_done(failed=True)
+    breaker.step_done(failed=True)
+    assert breaker.state == CircuitState.CLOSED and breaker.admit("a") is None
+    breaker.step_done(failed=True)
+    assert breaker.state == CircuitState.OPEN and breaker.retry_after() == 10.0
+    assert "10.0 s" in breaker.admit("b")
+    clock.now += 4
+    assert breaker.retry_after() == 6.0
+    clock.now += 6
+    assert breaker.state == CircuitState.HALF_OPEN and breaker.retry_after() == 0.0
+    assert breaker.admit("probe-1") is None and breaker.admit("other") is not None
+    breaker.request_done("probe-1", succeeded=False)  # cancelled: no verdict, the next request probes
+    assert breaker.state == CircuitState.HALF_OPEN and breaker.admit("probe-2") is None
+    breaker.request_done("other", succeeded=True)  # not the probe: no effect
+    assert breaker.state == CircuitState.HALF_OPEN
+    breaker.request_done("probe-2", succeeded=True)
+    assert breaker.state == CircuitState.CLOSED and breaker.times_opened == 1
