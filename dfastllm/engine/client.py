@@ -362,8 +362,7 @@ class InProcessEngineClient(_ClientBase):
             engine = EngineCore(engine, kv_cache=config.kv_cache, max_batch_size=config.max_batch_size,
                                 max_num_tokens=config.max_num_tokens, max_model_len=config.max_model_len)
         self.core = engine
-        self.router = RequestRouter(engine, dedup_window_s=config.dedup_window_s, max_queue=config.max_queue,
-                                    request_timeout_s=config.request_timeout_s, metrics=metrics)
+        self.router = RequestRouter(engine, config, metrics=metrics)
         self._inbox: collections.deque[bytes] = collections.deque()
         self._wake = threading.Condition()
         self._state = EngineState.STOPPED

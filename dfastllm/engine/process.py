@@ -45,7 +45,6 @@ import threading
 import time
 
 from dfastllm.config import ServerConfig
-from dfastllm.engine.circuit import CircuitBreaker
 from dfastllm.engine.router import Reply, RequestRouter
 from dfastllm.ipc import EngineState, IpcLayout
 from dfastllm.ipc.channels import Channel, WorkerChannels
@@ -79,9 +78,7 @@ class EngineProcess:
         self.core = core
         self.metrics = metrics
         self.channels = WorkerChannels(layout)
-        circuit = CircuitBreaker(failures=config.circuit_failures, cooldown_s=config.circuit_cooldown_s)
-        self.router = RequestRouter(core, dedup_window_s=config.dedup_window_s, max_queue=config.max_queue,
-                                    request_timeout_s=config.request_timeout_s, metrics=metrics, circuit=circuit)
+        self.router = RequestRouter(core, config, metrics=metrics)
         self._published_circuit: tuple | None = None
         self.stop_requested = False  # set by SIGTERM
         self._drain_deadline: float | None = None

@@ -83,18 +83,16 @@ class _Live:
 
 
 class RequestRouter:
-    def __init__(self, core, *, dedup_window_s: float, max_queue: int, request_timeout_s: float,
-                 metrics=None, circuit: CircuitBreaker | None = None) -> None:
-        """`core` is an EngineCore; `metrics` an EngineMetrics or None;
-        `circuit` defaults to one with the configuration's default settings."""
+    def __init__(self, core, config: ServerConfig, *, metrics=None) -> None:
+        """`core` is an EngineCore; `metrics` an EngineMetrics or None. Both
+        engine clients (the process and the in-process one) build it from the
+        same configuration, so they admit, time out and break alike."""
         self.core = core
         self.metrics = metrics
-        defaults = ServerConfig()
-        self.circuit = circuit or CircuitBreaker(failures=defaults.circuit_failures,
-                                                 cooldown_s=defaults.circuit_cooldown_s)
-        self.recent_ids = RecentRequestIds(dedup_window_s)
-        self.max_queue = max_queue
-        self.request_timeout_s = request_timeout_s
+        self.circuit = CircuitBreaker(failures=config.circuit_failures, cooldown_s=config.circuit_cooldown_s)
+        self.recent_ids = RecentRequestIds(config.dedup_window_s)
+        self.max_queue = config.max_queue
+        self.request_timeout_s = config.request_timeout_s
         self.draining = False
         self.live: dict[str, _Live] = {}
 
