@@ -213,3 +213,22 @@ def _write_weights(directory, tensors: dict, shard: bool) -> None:
 def _write_json(path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def main(argv=None) -> None:
+    """`python -m dfastllm.testing DIR [--family llada|dream]`: write a tiny
+    random checkpoint to serve or benchmark without downloading weights (it
+    answers with random text: it exercises the server, it knows nothing)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dfastllm.testing", description=main.__doc__)
+    parser.add_argument("directory")
+    parser.add_argument("--family", choices=("llada", "dream"), default="llada")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write = write_tiny_llada if args.family == "llada" else write_tiny_dream
+    print(write(args.directory, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
