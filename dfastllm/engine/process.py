@@ -286,7 +286,12 @@ class _Heartbeat(threading.Thread):
 
 def load_core(config: ServerConfig):
     """The EngineCore the configuration asks for (model None: the embedded tiny model)."""
+    import torch
+
     from dfastllm.llm import LLM
+
+    torch.set_num_threads(config.resolved_engine_threads())
+    logger.info("engine threads", extra={"torch_threads": torch.get_num_threads()})
 
     llm = LLM(config.model, device=config.device, dtype=config.dtype, kv_cache=config.kv_cache,
               max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens,
