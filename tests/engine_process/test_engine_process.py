@@ -20,6 +20,7 @@ from dfastllm.ipc import EngineState
 from dfastllm.ipc.control import SlotState
 from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, decode
 from dfastllm.supervisor import Supervisor
+from dfastllm.testing import write_tiny_llada
 
 from .helpers import (LONG, RunningEngine, engine_config, offline, random_requests, read_all,
                       start_client_process, wait_until)
@@ -223,10 +224,12 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
 
 
 @pytest.mark.timeout(90)
-def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir):
+def test_stop_drains_running_requests_then_removes_every_segment(tmp_path):
     # The drain timeout sits between the short request's 4 steps and the
-    # endless one's 500 (steps over a 502-token canvas: 5 to 300 ms here).
-    running = RunningEngine(engine_config(tiny_llada_dir, drain_timeout_s=3.0))
+    # endless one's 3000 (steps over a 3002-token canvas: tens of ms each even
+    # on an idle machine, so it cannot finish within the 3 s drain).
+    model_dir = write_tiny_llada(tmp_path, seed=21, max_sequence_length=4096)
+    running = RunningEngine(engine_config(model_dir, drain_timeout_s=3.0))
     engine_process = running.supervisor.engine
     try:
         async def main():
@@ -235,7 +238,7 @@ def test_stop_drains_running_requests_then_removes_every_segment(tiny_llada_dir)
             try:
                 short = await client.submit("finishes", [100, 101], SamplingParams(max_tokens=4, ignore_eos=True))
                 endless = await client.submit("outlives-drain", [100, 102],
-                                              SamplingParams(max_tokens=500, block_length=500, ignore_eos=True))
+                                              SamplingParams(max_tokens=3000, block_length=3000, ignore_eos=True))
                 stopping = asyncio.get_running_loop().run_in_executor(None, running.stop)
                 assert await wait_until(lambda: client.state().state == EngineState.DRAINING, 2)
                 with pytest.raises(EngineUnavailable):
