@@ -106,7 +106,8 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(server, settings):
 # ---------------------------------------------------------- load shedding
 
 def test_overload_is_shed_with_retry_after_and_recovers(server, http, settings):
-    long_request = completion(max_tokens=32, steps=32, block_length=8, ignore_eos=True)
+    # Long enough (256 steps, 1 s or more even on an idle machine) for a queue to be seen.
+    long_request = completion(max_tokens=256, steps=256, block_length=32, ignore_eos=True)
     assert http.post("/v1/completions", json=long_request).status_code == 200  # a service time to estimate with
     results = []
 
