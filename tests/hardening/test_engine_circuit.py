@@ -17,7 +17,8 @@ import pytest
 from dfastllm.engine.circuit import CircuitBreaker
 from dfastllm.engine.process import FAULT_INJECT_ENV
 from dfastllm.ipc.control import CircuitState
-from engine_harness import EngineServer, completion, metrics, wait_for
+from engine_harness import EngineServer, completion
+from serve_process import metrics, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from engine_harness import EngineServer, completion, wait_for
+from engine_harness import EngineServer, completion
+from serve_process import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                         ExportTraceServiceResponse)
 
-from engine_harness import EngineServer, completion, free_port, wait_for
+from engine_harness import EngineServer, completion
+from serve_process import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

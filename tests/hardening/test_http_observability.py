@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from dfastllm.config import ServerConfig
-from http_harness import (MODEL, completion, engine_pid, fresh_connections, json_lines, key_id, start_server,
-                          stop_server, wait_for, worker_pids)
+from http_harness import MODEL, completion, fresh_connections, json_lines, key_id, start_server, stop_server
+from serve_process import wait_for
 from server.resources.admin import AdminConfigResponse
 
 KEY, KEY2, ADMIN = "key-one", "key-two", "admin-key"
@@ -107,7 +107,7 @@ def test_audit_log_has_one_record_per_request(server, http):
     text = server.audit_path.read_text()
     assert KEY not in text and "nope" not in text and SECRET_PROMPT not in text
     # Every worker appends to the same file: whole lines, records from both.
-    assert {r["pid"] for r in audit_records(server)} <= worker_pids(server)
+    assert {r["pid"] for r in audit_records(server)} <= server.worker_pids()
 
 
 # -------------------------------------------------------- runtime settings
@@ -147,7 +147,7 @@ def test_a_change_reaches_every_worker_and_the_engine(server, http, admin):
             served_by[audit_of(server, request_id)[0]["pid"]] = request_id
             if len(served_by) == 2:
                 break
-        assert set(served_by) == worker_pids(server)
+        assert set(served_by) == server.worker_pids()
         # The log level too: every worker now writes debug lines.
         debug_pids = {line["pid"] for line in json_lines(server.log_path)
                       if line["level"] == "debug" and line.get("request_id") in served_by.values()}
@@ -208,7 +208,7 @@ def test_a_refused_request_does_not_consume_its_id(server, http, admin):
         refused_by = {r["pid"] for r in audit_of(server, request_id) if r["status"] == 409}
         if len(refused_by) == 2:
             break
-    assert refused_by == worker_pids(server)
+    assert refused_by == server.worker_pids()
 
 
 # --------------------------------------------------------------------- drain
@@ -225,7 +225,7 @@ def test_draining_drops_readiness_and_refuses_new_generations(server, http):
     streamer = threading.Thread(target=long_stream)
     streamer.start()
     assert wait_for(lambda: "num_requests_running 1.0" in httpx.get(server.base_url + "/metrics").text)
-    os.kill(engine_pid(server), signal.SIGTERM)
+    os.kill(server.engine_pid(), signal.SIGTERM)
     try:
         assert wait_for(lambda: httpx.get(server.base_url + "/health/ready").json().get("state") == "draining",
                         timeout=10)

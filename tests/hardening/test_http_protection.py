@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from dfastllm.ipc.rate_limit import DEFAULT_CAPACITY
-from http_harness import (MODEL, completion, fresh_connections, json_lines, metric, metrics, start_server,
-                          stop_server, wait_for, worker_pids)
+from http_harness import completion, fresh_connections, json_lines, metric, start_server, stop_server
+from serve_process import metrics, wait_for
 
 ADMIN = "admin-key"
 
@@ -76,7 +76,7 @@ def test_the_rate_limit_is_shared_by_both_workers(server, http, settings):
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(refused.headers["retry-after"]) <= 65
     # Both workers took some of the client's requests, and together admitted 10.
-    assert {r["pid"] for r in audit_records(server) if r["client"] == "198.51.100.7"} == worker_pids(server)
+    assert {r["pid"] for r in audit_records(server) if r["client"] == "198.51.100.7"} == server.worker_pids()
     # Another client is not affected; generation routes count too.
     other = forwarded("198.51.100.8")
     assert http.post("/v1/completions", json=completion(), headers=other).status_code == 200

@@ -330,8 +330,10 @@ def test_invalid_inputs_never_reach_the_engine(http, row):
 # ------------------------------------------------------------------ streaming
 
 def test_true_streaming_first_chunk_after_a_fraction_of_the_time(http):
-    # 8 blocks of 8 tokens, one token per step: the first block is final after 1/8 of the steps.
-    body = completion(max_tokens=64, block_length=8, steps=64, ignore_eos=True, stream=True)
+    # 8 blocks of 56 tokens, one token per step: the first block is final after
+    # 1/8 of the steps. Long enough (seconds even on an idle machine) that the
+    # fixed cost of a request (HTTP, tokenizing, admission) stays small beside it.
+    body = completion(max_tokens=448, block_length=56, steps=448, ignore_eos=True, stream=True)
     started = time.perf_counter()
     first = None
     with http.stream("POST", "/v1/completions", json=body) as resp:

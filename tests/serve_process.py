@@ -1,0 +1,135 @@
+"""The real `dfastllm serve` (supervisor, engine process, Granian workers)
+on a free port, for black-box tests: start it, wait for readiness, read its
+log, find its processes and shared-memory segments, stop it as a service
+manager does. One harness for tests/server and tests/hardening (importable
+everywhere: pytest puts tests/ on the path, see pyproject.toml)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import orjson
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`dfastllm serve --model model_dir *args`, output in `log_path`. The
+    environment is the test's without DFASTLLM_* settings, plus `env`."""
+
+    def __init__(self, model_dir: str, log_path: str, *args: str, port: int | None = None,
+                 env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = str(log_path)
+        argv = [sys.executable, "-m", "dfastllm.cli", "serve", "--model", model_dir, "--port", str(self.port),
+                "--log-format", "text", *args]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("DFASTLLM_")}
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**environment, **(env or {})})
+        self.segment_prefix = f"dfastllm-{self.process.pid}-"
+
+    def wait_ready(self, timeout: float = 120) -> ServeProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dfastllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"dfastllm serve not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to the supervisor; -> its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        with open(self.log_path, "rb") as f:
+            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        """The JSON records of every process (with --log-format json; lines
+        that are not JSON, such as a library's print, are skipped)."""
+        records = []
+        with open(self.log_path, "rb") as f:
+            for line in f.read().splitlines():
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
+    def engine_pid(self) -> int:
+        for child in children(self.process.pid):
+            if b"dfastllm.engine.process" in cmdline(child):
+                return child
+        raise AssertionError("no engine process under the supervisor")
+
+    def worker_pids(self) -> set[int]:
+        """The Granian workers (children of Granian, grandchildren of the supervisor)."""
+        return {pid for child in children(self.process.pid) if b"server.launch" in cmdline(child)
+                for pid in children(child)}
+
+    def segments(self) -> list[str]:
+        """This run's shared-memory segments still in /dev/shm."""
+        return [name for name in os.listdir("/dev/shm") if name.startswith(self.segment_prefix)]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def metrics(serve: ServeProcess, headers: dict | None = None) -> dict[str, float]:
+    """The /metrics page as {series: value}."""
+    values = {}
+    for line in httpx.get(serve.base_url + "/metrics", headers=headers, timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def wait_for(condition, timeout: float = 20.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
