@@ -126,6 +126,11 @@ def metrics(serve: ServeProcess, headers: dict | None = None) -> dict[str, float
     return values
 
 
+def metric(values: dict, name: str) -> float:
+    """The sum of a metric's series (all label sets) in `metrics()`'s result."""
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
 def wait_for(condition, timeout: float = 20.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

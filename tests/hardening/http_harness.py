@@ -51,9 +51,6 @@ def completion(**fields) -> dict:
     return {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **fields}
 
 
-def metric(values: dict, name: str) -> float:
-    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
-
 
 def json_lines(path) -> list[dict]:
     """Every line of a file, each parsed as one JSON object (fails on any other line)."""

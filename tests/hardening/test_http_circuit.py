@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from dfastllm.engine.process import FAULT_INJECT_ENV
-from http_harness import completion, fresh_connections, metric, start_server, stop_server
-from serve_process import metrics, wait_for
+from http_harness import completion, fresh_connections, start_server, stop_server
+from serve_process import metric, metrics, wait_for
 
 COOLDOWN_S = 4
 

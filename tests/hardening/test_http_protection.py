@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from dfastllm.ipc.rate_limit import DEFAULT_CAPACITY
-from http_harness import completion, fresh_connections, json_lines, metric, start_server, stop_server
-from serve_process import metrics, wait_for
+from http_harness import completion, fresh_connections, json_lines, start_server, stop_server
+from serve_process import metric, metrics, wait_for
 
 ADMIN = "admin-key"
 

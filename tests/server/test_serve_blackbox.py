@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from dfastllm.testing import write_tiny_llada
-from serve_process import ServeProcess
+from serve_process import ServeProcess, metric, wait_for
 from server import responses
 
 MODEL = "tiny"
@@ -61,19 +61,6 @@ def metrics(http) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
-
-
-def metric(values: dict, name: str) -> float:
-    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
-
-
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def completion(**fields) -> dict:
