@@ -93,6 +93,7 @@ class Generation:
         the choice number."""
         n = request.n or 1
         choices = []
+        refuse_mask_token(state.tokenizer, prompts, param="messages" if hasattr(request, "messages") else "prompt")
         for p, prompt_ids in enumerate(prompts):
             params = sampling_params(state, request, len(prompt_ids))
             for i in range(n):
@@ -262,6 +263,17 @@ class Generation:
         elif reason == "error":
             self.metrics.failure.labels("engine_failed" if choice.error.engine_failed else "request_failed").inc()
         return Delta(choice.index, text, reason)
+
+
+def refuse_mask_token(tokenizer, prompts: list[list[int]], *, param: str) -> None:
+    """The mask token marks the positions the model is to fill; in a prompt
+    (typed as its special-token string) it would be denoised like a blank,
+    not read as text."""
+    mask = tokenizer.mask_token_id
+    if mask is not None and any(mask in prompt for prompt in prompts):
+        token = tokenizer.decode([mask], skip_special_tokens=False)
+        raise InvalidRequest(f"the {param} contains the mask token {token!r}, which the model reserves for the "
+                             "positions it generates", param=param)
 
 
 def sampling_params(state, request, prompt_tokens: int) -> SamplingParams:

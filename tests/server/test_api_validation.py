@@ -33,11 +33,14 @@ REFUSED = {
     "prompt wrong type": (completion(prompt=5), 400, "invalid_value"),
     "prompt list item wrong type": (completion(prompt=["a", 3]), 400, "invalid_value"),
     "prompt too long": (completion(prompt=LONG), 400, "invalid_value"),
+    "prompt with the mask token": (completion(prompt=["Hello", "fill <|mdm_mask|> in"]), 400, "invalid_value"),
     # messages
     "messages empty": (chat(messages=[]), 400, "invalid_value"),
     "messages too many": (chat(messages=USER * 257), 400, "invalid_value"),
     "message role unknown": (chat(messages=[{"role": "tool", "content": "x"}]), 400, "invalid_value"),
     "message content too long": (chat(messages=[{"role": "user", "content": LONG}]), 400, "invalid_value"),
+    "message with the mask token": (chat(messages=[{"role": "user", "content": "a <|mdm_mask|>"}]), 400,
+                                    "invalid_value"),
     "message image part": (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
                            400, "invalid_value"),
     # at the character limit the prompt passes validation; the tiny model's context is what refuses it
