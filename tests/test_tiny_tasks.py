@@ -112,14 +112,23 @@ def test_tokenizer_is_byte_level_with_llada_chat_format(tmp_path):
 
     train_tiny.write_tokenizer(train_tiny.build_tokenizer(), tmp_path)
     tok = Tokenizer.from_pretrained(tmp_path)
-    text = "Reverse the word été, 12 + 30?"
+    # Letters (and any other text) are one token per byte: reversing or
+    # counting letters is reversing or counting tokens.
+    text = "Reverse the word été, please!"
     assert tok.encode(text) == list(text.encode())
-    assert tok.decode(tok.encode(text)) == text
+    text = "12 + 7 = 19"  # digits too: sums are worked digit by digit
+    assert tok.encode(text) == list(text.encode())
+    for text in ("What is 99 - 100?", "tabs\tand\n\nnewlines 0 00 000 0000", "user assistant system"):
+        assert tok.decode(tok.encode(text)) == text
     prompt = tok.apply_chat_template([{"role": "user", "content": " What is 2 + 3? "}])
     assert prompt == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n"
                       "What is 2 + 3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.eot_token_id, tok.mask_token_id) == (
-        256, 257, 257, 260, 261)
+    # The header is five tokens: BOS, two specials around the role, "\n\n".
+    header = tok.encode("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n")
+    assert header == tok.encode(prompt)[:5] and header[0] == tok.bos_token_id
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.eot_token_id, tok.mask_token_id}) == 4
+    assert tok.pad_token_id == tok.eos_token_id
+    assert tok.encode("<|mdm_mask|>") == [tok.mask_token_id]
 
 
 @pytest.mark.skipif(not os.path.isdir(ASSET), reason="the tiny checkpoint is not built")
@@ -133,9 +142,14 @@ def test_shipped_asset_is_committed_and_small():
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not os.path.isdir(ASSET), reason="the tiny checkpoint is not built")
 def test_shipped_asset_loads_and_answers():
+    """Through the loader, LLaDA's reference decoding (train_tiny.generate)
+    answers held-out questions of the families the model card says it has
+    learned, and the engine (kernels, sampler, batching) gives the reference's
+    tokens exactly for every family, wrong answers included."""
     import torch
 
     import train_tiny
+    from dfastllm import LLM, SamplingParams
     from dfastllm.models import load_model
 
     torch.set_num_threads(1)
@@ -145,7 +159,14 @@ def test_shipped_asset_loads_and_answers():
     assert (loaded.mask_token_id, loaded.eos_token_id, loaded.eot_token_id) == (
         tok.mask_token_id, tok.eos_token_id, tok.eot_token_id)
     assert loaded.config.vocab_size >= tok.vocab_size
-    tasks = tiny_tasks.held_out_set(3)
-    outputs = train_tiny.generate(loaded.model, [train_tiny.prompt_ids(tok, t) for t in tasks], tok.mask_token_id)
-    right = sum(tiny_tasks.check(t, train_tiny.answer_text(tok, out)) for t, out in zip(tasks, outputs))
-    assert right >= len(tasks) - 2
+    tasks = tiny_tasks.held_out_set(4)
+    reference = train_tiny.generate(loaded.model, [train_tiny.prompt_ids(tok, t) for t in tasks], tok.mask_token_id)
+    learned = [tiny_tasks.check(t, train_tiny.answer_text(tok, out)) for t, out in zip(tasks, reference)
+               if t.family in ("sort", "reverse", "copy", "facts")]
+    assert sum(learned) >= len(learned) - 1  # 16 questions; the card's accuracy there is 93-100%
+    stops = {tok.eos_token_id, tok.eot_token_id}
+    engine = LLM(ASSET, device="cpu").chat([[{"role": "user", "content": t.prompt}] for t in tasks],
+                                           SamplingParams(max_tokens=32, temperature=0.0))
+    for task, ref, out in zip(tasks, reference, engine):
+        end = next(i for i, t in enumerate(ref) if t in stops)
+        assert out.token_ids == ref[:end], task

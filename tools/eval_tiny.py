@@ -26,10 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tiny_tasks  # noqa: E402
+from dfastllm.checkpoints import DEFAULT_MODEL_DIR  # noqa: E402
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "dfastllm", "assets", "tiny-llada")
 # Where a server might report a request's denoising steps in `usage`.
 USAGE_STEP_KEYS = ("denoising_steps", "num_steps", "steps")
 STEPS_METRIC = "dfastllm:denoising_steps_total"

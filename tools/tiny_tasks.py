@@ -6,8 +6,9 @@ exactly. The held-out split is decided by a stable hash of what a question
 is about, so the training stream and the evaluation set never share a
 question, whatever the seed:
 
-- arithmetic: the (a, op, b) triple; 10% of triples are held out.
-- sort: the list of numbers; 10% of lists are held out.
+- arithmetic: the (a, op, b) triple (0..99, differences never negative);
+  10% of triples are held out.
+- sort: the list of numbers (3 to 6 of 0..9); 10% of lists are held out.
 - reverse: the word; 10% of words are held out (for every template).
 - count: the (word, letter) pair; 10% of pairs are held out.
 - copy: the phrase; 10% of phrases are held out.
@@ -131,12 +132,13 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
     if rng.random() < 0.5:
         templates = ["What is {a} + {b}?", "{a} + {b} = ?", "Compute {a} plus {b}.", "Add {a} and {b}."]
         return f"{a}+{b}", rng.choice(templates).format(a=a, b=b), str(a + b)
+    a, b = max(a, b), min(a, b)  # differences stay whole numbers, 0..99
     templates = ["What is {a} - {b}?", "{a} - {b} = ?", "Compute {a} minus {b}.", "Subtract {b} from {a}."]
     return f"{a}-{b}", rng.choice(templates).format(a=a, b=b), str(a - b)
 
 
 def _sort(rng: random.Random) -> tuple[str, str, str]:
-    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+    numbers = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
     listed = ", ".join(map(str, numbers))
     templates = ["Sort these numbers: {xs}", "Sort {xs} from smallest to largest.", "Put in order: {xs}"]
     return listed, rng.choice(templates).format(xs=listed), ", ".join(map(str, sorted(numbers)))
@@ -198,21 +200,31 @@ def sample_task(family: str, rng: random.Random, *, held_out: bool) -> Task:
             return Task(family, prompt, answer)
 
 
-# Mixture of the training stream: harder families get more of it, and the
-# copying families (copy, reverse) teach the look-up circuits all others use.
+# Mixture of the training stream: harder families get more of it.
 TRAIN_MIX = {
     "arithmetic": 0.22, "sort": 0.16, "reverse": 0.15, "count": 0.16,
     "copy": 0.12, "facts": 0.15, "chat": 0.04,
 }
+# Mixture of the first steps (curriculum): mostly the copying families, whose
+# clean signal grows the look-up ("induction") circuits every family needs;
+# from a cold start those take thousands of steps to appear in TRAIN_MIX.
+WARMUP_MIX = {
+    "arithmetic": 0.08, "sort": 0.06, "reverse": 0.3, "count": 0.08,
+    "copy": 0.3, "facts": 0.15, "chat": 0.03,
+}
 SCORED_FAMILIES = ("arithmetic", "sort", "reverse", "count", "copy", "facts")
 
 
-def training_stream(seed: int):
+def sample_training_task(rng: random.Random, mix: dict[str, float]) -> Task:
+    families, weights = zip(*mix.items())
+    return sample_task(rng.choices(families, weights)[0], rng, held_out=False)
+
+
+def training_stream(seed: int, mix: dict[str, float] = TRAIN_MIX):
     """Endless deterministic stream of training tasks."""
     rng = random.Random(seed)
-    families, weights = zip(*TRAIN_MIX.items())
     while True:
-        yield sample_task(rng.choices(families, weights)[0], rng, held_out=False)
+        yield sample_training_task(rng, mix)
 
 
 def held_out_set(per_family: int, seed: int = 1234) -> list[Task]:

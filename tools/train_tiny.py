@@ -1,22 +1,35 @@
 """Train the embedded tiny LLaDA-format diffusion model (dfastllm/assets/tiny-llada).
 
-    python tools/train_tiny.py --out dfastllm/assets/tiny-llada
+    python tools/train_tiny.py --out dfastllm/assets/tiny-llada [--state /tmp/tiny-llada.state]
 
 CPU only, reproducible from --seed (torch.manual_seed and a seeded task
-stream). The model is `dfastllm.models.llada.LLaDAModel` itself, so the
-checkpoint is an ordinary LLaDA checkpoint (config.json fields and tensor
-names of LLaDA-8B) that the one loader serves. The tokenizer is byte-level
-(token id = byte value) plus LLaDA's special tokens, with LLaDA's chat template.
+stream); with --state a killed run resumes exactly where its last eval left it.
+The model is `dfastllm.models.llada.LLaDAModel` itself, so the checkpoint is an
+ordinary LLaDA checkpoint (config.json fields and tensor names of LLaDA-8B)
+that the one loader serves. The tokenizer is byte-level (token id = byte
+value) plus "\\n\\n", the role names and LLaDA's special tokens, with LLaDA's
+chat template. The defaults are the recipe of the shipped checkpoint (its
+model card, dfastllm/assets/tiny-llada/README.md, has the figures).
 
 Objective: LLaDA's SFT recipe. Per sequence a masking ratio t ~ U(eps, 1];
 every token of the answer region (answer, <|eot_id|>, then <|endoftext|>
 padding) is masked with probability t, the prompt never; cross-entropy on the
 masked positions weighted by 1/t and divided by the answer-region length.
+
+Why a curriculum: a tiny masked-diffusion model that reads characters has to
+learn to find things in its prompt (copy the j-th letter, find the letter
+after a given one) before any family works, and with answer-only masking on
+the full mixture that took ~3000 steps to even begin here. So the first
+--warmup-mix-steps draw mostly copy/reverse questions, and some rows use
+LLaDA's pre-training masking (prompt tokens masked too); the pre-training rows
+halve after the curriculum and stop when the lr decays, so the model ends on
+the plain SFT objective.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -64,14 +77,24 @@ def _byte_to_char() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
 
+# The chat header's role names as single tokens: every example carries them,
+# and at one token per letter they cost ~15% of each training step.
+ROLE_TOKENS = ["system", "user", "assistant"]
+
+
 def build_tokenizer() -> BackendTokenizer:
-    """Byte-level, no merges: token id = byte value, then the 6 special tokens
-    (256..261). Any UTF-8 text encodes; reversing or counting letters is
-    reversing or counting tokens."""
-    vocab = {char: byte for byte, char in _byte_to_char().items()}
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    """Byte-level (the first 256 ids are the bytes: one token per letter and
+    per digit, as in Llama-2), plus "\\n\\n", the chat roles and LLaDA's
+    special tokens. Reversing or counting letters is reversing or counting
+    tokens, and sums are worked digit by digit; any UTF-8 text encodes."""
+    byte_chars = _byte_to_char()
+    vocab = {char: byte for byte, char in byte_chars.items()}
+    newline = byte_chars[ord("\n")]
+    vocab[newline * 2] = len(vocab)
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[(newline, newline)]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS])
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return backend
 
@@ -80,8 +103,8 @@ def write_tokenizer(backend: BackendTokenizer, out_dir: str) -> None:
     backend.save(os.path.join(out_dir, "tokenizer.json"))
     added = {
         str(backend.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                      "rstrip": False, "single_word": False, "special": True}
-        for t in SPECIAL_TOKENS
+                                      "rstrip": False, "single_word": False, "special": t in SPECIAL_TOKENS}
+        for t in ROLE_TOKENS + SPECIAL_TOKENS
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -137,12 +160,15 @@ def prompt_ids(tokenizer: Tokenizer, task: tiny_tasks.Task, system: str | None =
 class Batches:
     """Deterministic training batches: tasks from the seeded stream, encoded as
     prompt + answer region, grouped by length so the EOS padding to the longest
-    row (LLaDA pads with EOS and counts it as answer) stays small."""
+    row (LLaDA pads with EOS and counts it as answer) stays small. The first
+    `warmup_mix_steps` batches draw from the curriculum mixture."""
 
-    def __init__(self, tokenizer: Tokenizer, seed: int, batch_size: int, group: int = 16):
+    def __init__(self, tokenizer: Tokenizer, seed: int, batch_size: int, warmup_mix_steps: int = 0,
+                 group: int = 16):
         self.tokenizer, self.batch_size, self.group = tokenizer, batch_size, group
+        self.warmup_mix_steps = warmup_mix_steps
         self.rng = random.Random(seed + 1)
-        self.tasks = tiny_tasks.training_stream(seed)
+        self.task_rng = random.Random(seed)
 
     def _example(self, task: tiny_tasks.Task) -> tuple[list[int], list[int]]:
         system = self.rng.choice(SYSTEM_PROMPTS) if self.rng.random() < 0.05 else None
@@ -161,8 +187,10 @@ class Batches:
         return prompt, answer + [self.tokenizer.eos_token_id] * (region - len(answer))
 
     def __iter__(self):
-        while True:
-            examples = [self._example(next(self.tasks)) for _ in range(self.batch_size * self.group)]
+        for first_step in itertools.count(0, self.group):
+            mix = tiny_tasks.WARMUP_MIX if first_step < self.warmup_mix_steps else tiny_tasks.TRAIN_MIX
+            examples = [self._example(tiny_tasks.sample_training_task(self.task_rng, mix))
+                        for _ in range(self.batch_size * self.group)]
             examples.sort(key=lambda e: len(e[0]) + len(e[1]))
             chunks = [examples[i:i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
             self.rng.shuffle(chunks)
@@ -177,13 +205,22 @@ class Batches:
         return ids, is_answer
 
 
-def masked_diffusion_loss(model: LLaDAModel, ids, is_answer, mask_id: int, eps: float = 1e-3):
+def masked_diffusion_loss(model: LLaDAModel, ids, is_answer, mask_id: int, pretrain_fraction: float = 0.0,
+                          eps: float = 1e-3):
+    """LLaDA's SFT loss: answer tokens masked with probability t, CE / t,
+    divided by the answer-region length. A random `pretrain_fraction` of the
+    rows use LLaDA's pre-training masking instead (every token, prompt
+    included, may be masked; divided by the whole length): reconstructing the
+    question from the answer trains the same look-up circuits from the other
+    side, which roughly halves the steps before they appear."""
     B, T = ids.shape
     # Stratified draws of t (one per stratum of [0, 1)): each t is still
     # U(eps, 1] but the batch covers the range evenly, which lowers variance.
     u = (torch.rand(()) + torch.arange(B) / B) % 1.0
     t = eps + (1 - eps) * u                                                    # [B]
-    masked = (torch.rand(B, T) < t[:, None]) & is_answer                       # [B, T]
+    pretrain_rows = torch.rand(B) < pretrain_fraction                          # [B]
+    maskable = is_answer | pretrain_rows[:, None]                              # [B, T]
+    masked = (torch.rand(B, T) < t[:, None]) & maskable                        # [B, T]
     noisy = torch.where(masked, mask_id, ids)
     positions = torch.arange(T).expand(B, T)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -191,8 +228,8 @@ def masked_diffusion_loss(model: LLaDAModel, ids, is_answer, mask_id: int, eps: 
         logits = model.head(hidden[masked])                                    # [N, V]
     token_loss = F.cross_entropy(logits.float(), ids[masked], reduction="none")
     rows = masked.nonzero()[:, 0]
-    answer_len = is_answer.sum(1)                                              # [B]
-    return (token_loss / t[rows] / answer_len[rows]).sum() / B
+    maskable_len = maskable.sum(1)                                             # [B]
+    return (token_loss / t[rows] / maskable_len[rows]).sum() / B
 
 
 @torch.no_grad()
@@ -260,29 +297,58 @@ def save_checkpoint(model: LLaDAModel, config: dict, out_dir: str) -> None:
 
 
 def learning_rate(step: int, args) -> float:
+    """Warm-up, a long constant stretch, then a linear decay over the last
+    `decay_fraction` of the steps. Unlike cosine, every run with more steps
+    follows the same path until its decay starts, so a run can be extended
+    by resuming from a state saved before that point."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    decay_start = int(args.steps * (1 - args.decay_fraction))
+    if step < decay_start:
+        return args.lr
+    return args.lr * (1 - 0.95 * (step - decay_start) / max(1, args.steps - decay_start))
+
+
+def pretrain_fraction(step: int, args) -> float:
+    """LLaDA pre-trains, then fine-tunes: rows with whole-sequence masking make
+    up `pretrain_fraction` of the batches during the curriculum, half that
+    until the lr decays, and none in the decay (pure SFT at the end)."""
+    if step < args.warmup_mix_steps:
+        return args.pretrain_fraction
+    return args.pretrain_fraction / 2 if step < int(args.steps * (1 - args.decay_fraction)) else 0.0
+
+
+def save_state(path: str, step: int, model, optimizer) -> None:
+    """Everything needed to continue exactly: weights, optimizer, RNG; the task
+    stream is replayed to `step` (it is deterministic)."""
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="dfastllm/assets/tiny-llada")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=12000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--decay-fraction", type=float, default=0.2, help="share of the steps with a decaying lr")
+    p.add_argument("--warmup-mix-steps", type=int, default=1500,
+                   help="steps drawn from the copy-heavy curriculum mixture")
+    p.add_argument("--pretrain-fraction", type=float, default=0.5,
+                   help="share of rows with whole-sequence masking during the curriculum")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--mlp-hidden-size", type=int, default=768)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--mlp-hidden-size", type=int, default=512)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-per-family", type=int, default=30, help="held-out questions per family during training")
     p.add_argument("--final-eval-per-family", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--state", help="training-state file: written at each eval, resumed from when it exists")
     return p.parse_args(argv)
 
 
@@ -304,13 +370,24 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     eval_tasks = tiny_tasks.held_out_set(args.eval_per_family)
+    first_step = 0
+    if args.state and os.path.exists(args.state):
+        state = torch.load(args.state)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        first_step = state["step"]
+        print(f"resumed from {args.state} at step {first_step}", flush=True)
     start, losses = time.time(), []
-    for step, (ids, is_answer) in enumerate(Batches(tokenizer, args.seed, args.batch_size)):
+    batches = Batches(tokenizer, args.seed, args.batch_size, args.warmup_mix_steps)
+    for step, (ids, is_answer) in enumerate(batches):
         if step == args.steps:
             break
+        if step < first_step:  # replaying the task stream up to the saved state
+            continue
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        loss = masked_diffusion_loss(model, ids, is_answer, tokenizer.mask_token_id)
+        loss = masked_diffusion_loss(model, ids, is_answer, tokenizer.mask_token_id, pretrain_fraction(step, args))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -323,6 +400,8 @@ def main(argv=None) -> None:
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             accuracy = evaluate(model, tokenizer, eval_tasks)
             save_checkpoint(model, config, args.out)  # a usable checkpoint if the run is cut short
+            if args.state:
+                save_state(args.state, step + 1, model, optimizer)
             print(f"eval step {step + 1}: " + json.dumps({k: round(v, 3) for k, v in accuracy.items()}), flush=True)
     train_seconds = time.time() - start
     save_checkpoint(model, config, args.out)
@@ -330,7 +409,7 @@ def main(argv=None) -> None:
     served = load_model(args.out)
     accuracy = evaluate(served.model, served.tokenizer, tiny_tasks.held_out_set(args.final_eval_per_family),
                         bf16=False)
-    print(f"trained {args.steps} steps in {train_seconds:.0f}s; params {n_params}", flush=True)
+    print(f"trained steps {first_step}..{args.steps} in {train_seconds:.0f}s; params {n_params}", flush=True)
     print("final " + json.dumps({k: round(v, 4) for k, v in accuracy.items()}), flush=True)
 
 
