@@ -24,15 +24,17 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`dfastllm serve --model model_dir *args`, output in `log_path`. The
-    environment is the test's without DFASTLLM_* settings, plus `env`."""
+    """`dfastllm serve --model model_dir *args` (no --model: the embedded
+    default model), output in `log_path`. The environment is the test's
+    without DFASTLLM_* settings, plus `env`."""
 
-    def __init__(self, model_dir: str, log_path: str, *args: str, port: int | None = None,
+    def __init__(self, model_dir: str | None, log_path: str, *args: str, port: int | None = None,
                  env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = str(log_path)
-        argv = [sys.executable, "-m", "dfastllm.cli", "serve", "--model", model_dir, "--port", str(self.port),
+        model = ["--model", model_dir] if model_dir else []
+        argv = [sys.executable, "-m", "dfastllm.cli", "serve", *model, "--port", str(self.port),
                 "--log-format", "text", *args]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("DFASTLLM_")}
         self.log = open(self.log_path, "wb")
