@@ -6,6 +6,7 @@ everywhere: pytest puts tests/ on the path, see pyproject.toml)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -100,6 +101,20 @@ class ServeProcess:
     def segments(self) -> list[str]:
         """This run's shared-memory segments still in /dev/shm."""
         return [name for name in os.listdir("/dev/shm") if name.startswith(self.segment_prefix)]
+
+
+@contextlib.contextmanager
+def serving(model_dir: str | None, log_path: str, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 150):
+    """A ready `ServeProcess(model_dir, log_path, *args)`, stopped on leaving;
+    a server that does not then exit 0 fails the test."""
+    serve = ServeProcess(model_dir, log_path, *args, env=env)
+    try:
+        serve.wait_ready(timeout)
+        yield serve
+    finally:
+        code = serve.stop()
+    assert code == 0, f"dfastllm serve exited with {code}:\n{serve.log_tail()}"
 
 
 def children(pid: int) -> list[int]:

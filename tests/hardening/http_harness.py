@@ -9,31 +9,15 @@ import hashlib
 
 import httpx
 import orjson
-from serve_process import ServeProcess
-
-from dfastllm.testing import write_tiny_llada
-
-MODEL = "tiny"
+from engine_harness import MODEL, tiny_checkpoint
+from serve_process import ServeProcess, serving
 
 
-def start_server(directory, *args: str, env: dict[str, str] | None = None) -> ServeProcess:
-    """`dfastllm serve` on a tiny checkpoint, 2 workers, JSON logs, ready;
-    `env`: extra environment variables for the server."""
-    checkpoint = write_tiny_llada(directory / "tiny", seed=5, max_sequence_length=512)
-    argv = [checkpoint, str(directory / "serve.log"), "--served-model-name", MODEL, "--workers", "2", "--no-warmup",
-            "--log-format", "json", *args]
-    serve = ServeProcess(*argv, env=env)
-    try:
-        serve.wait_ready(timeout=150)
-    except BaseException:
-        serve.stop()
-        raise
-    return serve
-
-
-def stop_server(serve: ServeProcess) -> None:
-    code = serve.stop()
-    assert code == 0, f"dfastllm serve exited with {code}:\n{serve.log_tail()}"
+def serving_tiny(directory, *args: str, env: dict[str, str] | None = None):
+    """`serving` (tests/serve_process.py) a tiny checkpoint: 2 workers, JSON
+    logs; `env`: extra environment variables for the server."""
+    return serving(tiny_checkpoint(directory), str(directory / "serve.log"), "--served-model-name", MODEL,
+                   "--workers", "2", "--no-warmup", "--log-format", "json", *args, env=env)
 
 
 def fresh_connections(serve: ServeProcess, **kwargs) -> httpx.Client:

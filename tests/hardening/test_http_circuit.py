@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from dfastllm.engine.process import FAULT_INJECT_ENV
-from http_harness import completion, fresh_connections, start_server, stop_server
+from http_harness import completion, fresh_connections, serving_tiny
 from serve_process import metric, metrics, wait_for
 
 COOLDOWN_S = 4
@@ -24,10 +24,9 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("circuit")
-    serve = start_server(directory, "--circuit-failures", "2", "--circuit-cooldown-s", str(COOLDOWN_S),
-                         env={FAULT_INJECT_ENV: "2"})
-    yield serve
-    stop_server(serve)
+    with serving_tiny(directory, "--circuit-failures", "2", "--circuit-cooldown-s", str(COOLDOWN_S),
+                      env={FAULT_INJECT_ENV: "2"}) as serve:
+        yield serve
 
 
 def test_an_open_circuit_is_refused_by_every_worker_until_a_probe_closes_it(server):

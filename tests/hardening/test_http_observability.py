@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from dfastllm.config import ServerConfig
-from http_harness import MODEL, completion, fresh_connections, json_lines, key_id, start_server, stop_server
+from http_harness import MODEL, completion, fresh_connections, json_lines, key_id, serving_tiny
 from serve_process import wait_for
 from server.resources.admin import AdminConfigResponse
 
@@ -31,11 +31,10 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("observability")
-    serve = start_server(directory, "--api-keys", KEY, "--api-keys", KEY2, "--admin-keys", ADMIN,
-                         "--audit-log", str(directory / "audit.jsonl"), "--max-body-bytes", str(MAX_BODY))
-    serve.audit_path = directory / "audit.jsonl"
-    yield serve
-    stop_server(serve)
+    with serving_tiny(directory, "--api-keys", KEY, "--api-keys", KEY2, "--admin-keys", ADMIN,
+                      "--audit-log", str(directory / "audit.jsonl"), "--max-body-bytes", str(MAX_BODY)) as serve:
+        serve.audit_path = directory / "audit.jsonl"
+        yield serve
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from dfastllm.ipc.rate_limit import DEFAULT_CAPACITY
-from http_harness import completion, fresh_connections, json_lines, start_server, stop_server
+from http_harness import completion, fresh_connections, json_lines, serving_tiny
 from serve_process import metric, metrics, wait_for
 
 ADMIN = "admin-key"
@@ -28,11 +28,10 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("protection")
-    serve = start_server(directory, "--admin-keys", ADMIN, "--trusted-proxies", "127.0.0.1",
-                         "--max-batch-size", "2", "--audit-log", str(directory / "audit.jsonl"))
-    serve.audit_path = directory / "audit.jsonl"
-    yield serve
-    stop_server(serve)
+    with serving_tiny(directory, "--admin-keys", ADMIN, "--trusted-proxies", "127.0.0.1",
+                      "--max-batch-size", "2", "--audit-log", str(directory / "audit.jsonl")) as serve:
+        serve.audit_path = directory / "audit.jsonl"
+        yield serve
 
 
 @pytest.fixture(scope="module")

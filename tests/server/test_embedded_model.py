@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from dfastllm.checkpoints import DEFAULT_MODEL_DIR
-from serve_process import ServeProcess
+from serve_process import serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,13 +37,8 @@ QUESTIONS = [
 @pytest.fixture(scope="module", params=["none", "dual"])
 def server(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"embedded-{request.param}")
-    serve = ServeProcess(None, str(directory / "serve.log"), "--kv-cache", request.param, "--workers", "1")
-    try:
-        serve.wait_ready(timeout=150)
+    with serving(None, str(directory / "serve.log"), "--kv-cache", request.param, "--workers", "1") as serve:
         yield serve
-    finally:
-        code = serve.stop()
-        assert code == 0, f"dfastllm serve exited with {code}:\n{serve.log_tail()}"
 
 
 def ask(server, question: str, **extra) -> str:

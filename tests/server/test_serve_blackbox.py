@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from dfastllm.testing import write_tiny_llada
-from serve_process import ServeProcess, metric, wait_for
+from serve_process import metric, serving, wait_for
 from server import responses
 
 MODEL = "tiny"
@@ -33,14 +33,9 @@ pytestmark = pytest.mark.timeout(120)
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("blackbox")
     checkpoint = write_tiny_llada(directory / "tiny", seed=5, max_sequence_length=512)
-    serve = ServeProcess(checkpoint, str(directory / "serve.log"), "--served-model-name", MODEL, "--workers", "2",
-                         "--api-keys", KEY, "--max-body-bytes", str(MAX_BODY), "--no-warmup")
-    try:
-        serve.wait_ready(timeout=150)
+    with serving(checkpoint, str(directory / "serve.log"), "--served-model-name", MODEL, "--workers", "2",
+                 "--api-keys", KEY, "--max-body-bytes", str(MAX_BODY), "--no-warmup") as serve:
         yield serve
-    finally:
-        code = serve.stop()
-        assert code == 0, f"dfastllm serve exited with {code}:\n{serve.log_tail()}"
 
 
 @pytest.fixture
