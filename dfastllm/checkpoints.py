@@ -15,6 +15,12 @@ WEIGHT_FILES = ("*.json", "*.safetensors", "*.jinja")
 CONFIG_FILES = ("*.json", "*.jinja")
 
 
+def is_local_path(path: str) -> bool:
+    """Whether `path` names a local directory (existing, or spelled as a
+    path) rather than a hub id such as "GSAI-ML/LLaDA-8B-Instruct"."""
+    return os.path.isdir(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
 def resolve_checkpoint(path_or_hub_id, *, files=WEIGHT_FILES, download=None, attempts: int = 5,
                        base_delay_s: float = 1.0, max_delay_s: float = 30.0,
                        sleep=time.sleep) -> str:
@@ -27,7 +33,7 @@ def resolve_checkpoint(path_or_hub_id, *, files=WEIGHT_FILES, download=None, att
     path = os.fspath(path_or_hub_id)
     if os.path.isdir(path):
         return path
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if is_local_path(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if download is None:
         from huggingface_hub import snapshot_download

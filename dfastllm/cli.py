@@ -49,11 +49,10 @@ def missing_checkpoint(model: str | None) -> str | None:
     starts (a hub id is left to the engine, which downloads it)."""
     import os
 
-    from dfastllm.checkpoints import DEFAULT_MODEL_DIR
+    from dfastllm.checkpoints import DEFAULT_MODEL_DIR, is_local_path
 
     path = os.path.expanduser(model or DEFAULT_MODEL_DIR)
-    local = model is None or os.path.isdir(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if local and not os.path.isfile(os.path.join(path, "config.json")):
+    if (model is None or is_local_path(path)) and not os.path.isfile(os.path.join(path, "config.json")):
         what = "the embedded default model" if model is None else "checkpoint directory"
         return f"{what} {path} has no config.json (is it a LLaDA or Dream checkpoint?)"
     return None
