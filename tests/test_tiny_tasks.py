@@ -131,7 +131,6 @@ def test_tokenizer_is_byte_level_with_llada_chat_format(tmp_path):
     assert tok.encode("<|mdm_mask|>") == [tok.mask_token_id]
 
 
-@pytest.mark.skipif(not os.path.isdir(ASSET), reason="the tiny checkpoint is not built")
 def test_shipped_asset_is_committed_and_small():
     size = sum(os.path.getsize(os.path.join(ASSET, f)) for f in os.listdir(ASSET))
     assert size <= 20 * 2**20
@@ -140,7 +139,6 @@ def test_shipped_asset_is_committed_and_small():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not os.path.isdir(ASSET), reason="the tiny checkpoint is not built")
 def test_shipped_asset_loads_and_answers():
     """Through the loader, LLaDA's reference decoding (train_tiny.generate)
     answers held-out questions of the families the model card says it has

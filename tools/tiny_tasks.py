@@ -220,11 +220,11 @@ def sample_training_task(rng: random.Random, mix: dict[str, float]) -> Task:
     return sample_task(rng.choices(families, weights)[0], rng, held_out=False)
 
 
-def training_stream(seed: int, mix: dict[str, float] = TRAIN_MIX):
-    """Endless deterministic stream of training tasks."""
+def training_stream(seed: int):
+    """Endless deterministic stream of training tasks (the TRAIN_MIX part)."""
     rng = random.Random(seed)
     while True:
-        yield sample_training_task(rng, mix)
+        yield sample_training_task(rng, TRAIN_MIX)
 
 
 def held_out_set(per_family: int, seed: int = 1234) -> list[Task]:

@@ -296,6 +296,11 @@ def save_checkpoint(model: LLaDAModel, config: dict, out_dir: str) -> None:
         json.dump(config, f, indent=2)
 
 
+def decay_start(args) -> int:
+    """The first step of the learning-rate decay."""
+    return int(args.steps * (1 - args.decay_fraction))
+
+
 def learning_rate(step: int, args) -> float:
     """Warm-up, a long constant stretch, then a linear decay over the last
     `decay_fraction` of the steps. Unlike cosine, every run with more steps
@@ -303,10 +308,10 @@ def learning_rate(step: int, args) -> float:
     by resuming from a state saved before that point."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    decay_start = int(args.steps * (1 - args.decay_fraction))
-    if step < decay_start:
+    start = decay_start(args)
+    if step < start:
         return args.lr
-    return args.lr * (1 - 0.95 * (step - decay_start) / max(1, args.steps - decay_start))
+    return args.lr * (1 - 0.95 * (step - start) / max(1, args.steps - start))
 
 
 def pretrain_fraction(step: int, args) -> float:
@@ -315,7 +320,7 @@ def pretrain_fraction(step: int, args) -> float:
     until the lr decays, and none in the decay (pure SFT at the end)."""
     if step < args.warmup_mix_steps:
         return args.pretrain_fraction
-    return args.pretrain_fraction / 2 if step < int(args.steps * (1 - args.decay_fraction)) else 0.0
+    return args.pretrain_fraction / 2 if step < decay_start(args) else 0.0
 
 
 def save_state(path: str, step: int, model, optimizer) -> None:

@@ -62,10 +62,8 @@ def test_bad_input_leaves_nothing_behind(llm):
     assert not llm.engine.has_unfinished()
 
 
-def test_default_model():
-    if os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
-        out, = LLM(device="cpu").generate("1 + 1 =", PARAMS)
-        assert len(out.token_ids) == 8
-    else:
-        with pytest.raises(FileNotFoundError, match="embedded default model"):
-            LLM()
+def test_default_model_is_the_embedded_one():
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json"))
+    out, = LLM(device="cpu").chat([[{"role": "user", "content": "Reverse: cheap"}]],
+                                  SamplingParams(max_tokens=32, temperature=0.0))
+    assert (out.text, out.finish_reason) == ("paehc", "stop")
