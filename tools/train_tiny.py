@@ -140,8 +140,12 @@ def llada_config(tokenizer: Tokenizer, args) -> dict:
     }
 
 
-def init_weights(model: LLaDAModel) -> None:
-    """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)."""
+def init_weights(model: LLaDAModel, digit_ids: list[int]) -> None:
+    """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2L).
+    The digit embeddings also get a number line and a period-10 circle along
+    fixed directions: a head that averages two digits' embeddings then holds
+    their sum (and a running count plus one is a shift along the line), so
+    the worked sums and tallies need no digit-pair table learned from scratch."""
     residual_std = 0.02 / math.sqrt(2 * model.config.n_layers)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -149,6 +153,12 @@ def init_weights(model: LLaDAModel) -> None:
         else:
             std = residual_std if name.endswith(("attn.wo.weight", "mlp.w_down.weight")) else 0.02
             torch.nn.init.normal_(p, std=std)
+    with torch.no_grad():
+        embedding = model.embed.weight
+        line, cos, sin = torch.linalg.qr(torch.randn(embedding.shape[1], 3))[0].T
+        for digit, token in enumerate(digit_ids):
+            angle = 2 * math.pi * digit / 10
+            embedding[token] += 0.3 * ((digit - 4.5) / 4.5 * line + math.cos(angle) * cos + math.sin(angle) * sin)
 
 
 def prompt_ids(tokenizer: Tokenizer, task: tiny_tasks.Task, system: str | None = None) -> list[int]:
@@ -366,7 +376,7 @@ def main(argv=None) -> None:
     tokenizer = Tokenizer.from_pretrained(args.out)
     config = llada_config(tokenizer, args)
     model = LLaDAModel(LLaDAConfig.from_hf_config(config))
-    init_weights(model)
+    init_weights(model, [tokenizer.encode(str(d))[0] for d in range(10)])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, vocab {tokenizer.vocab_size}, args {vars(args)}", flush=True)
 
