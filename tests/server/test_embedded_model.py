@@ -17,10 +17,13 @@ from serve_process import serving
 pytestmark = pytest.mark.timeout(180)
 
 # Questions from the held-out side of tools/tiny_tasks.py (never trained;
-# `held_out_set(100)`), in the families the model has learned (its model
-# card: arithmetic and letter counting are not there yet), with the answers
-# it must give exactly.
+# `held_out_set(100)`), with the answers it must give exactly: the families
+# the model has learned, and two worked sums with a carry and a borrow that
+# it gets right (its model card: arithmetic is at 54%, letter counting is not
+# there yet).
 QUESTIONS = [
+    ("73 + 79 = ?", "3+9=12, 7+7+1=15, so 152"),
+    ("94 - 15 = ?", "14-5=9, 9-1-1=7, so 79"),
     ("Put in order: 8, 7, 1, 3, 1", "1, 1, 3, 7, 8"),
     ("Sort these numbers: 0, 6, 3", "0, 3, 6"),
     ("Reverse: cheap", "paehc"),
