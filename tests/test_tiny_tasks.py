@@ -65,7 +65,8 @@ def subject(task: tiny_tasks.Task):
 
 
 def final_answer(task: tiny_tasks.Task) -> str:
-    """Arithmetic and counting answers show their work and end "so N"."""
+    """The answer's final part; arithmetic and counting answers show their
+    work and end "so N", and the work is checked step by step on the way."""
     if task.family in ("arithmetic", "count"):
         work, final = task.answer.rsplit(", so ", 1)
         check_work(task, work)

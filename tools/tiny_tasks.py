@@ -208,10 +208,11 @@ def tally(word: str, letter: str) -> str:
 def _count(rng: random.Random) -> tuple[str, str, str]:
     times = rng.choices(list(COUNT_ANSWERS), list(COUNT_ANSWERS.values()))[0]
     word = _word(rng)
-    present = [c for c in sorted(set(word)) if word.count(c) == times] if times else \
+    # Letters of this word that give the drawn answer; with none, plant one.
+    candidates = [c for c in sorted(set(word)) if word.count(c) == times] if times else \
         [c for c in ALPHABET if c not in word]
-    letter = rng.choice(present) if present else rng.choice(ALPHABET)
-    if not present:
+    letter = rng.choice(candidates) if candidates else rng.choice(ALPHABET)
+    if not candidates:
         word = _word_with(rng, letter, times)
     templates = [
         "How many times does the letter {c} appear in {w}?",
