@@ -6,10 +6,10 @@
 
 #include <array>
 #include <cstdint>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "kernels/params.h"
 #include "kernels/philox.h"
@@ -25,15 +25,25 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
+// Messages are built with std::string and std::to_string, not iostreams: a
+// toolchain that links libstdc++ statically (seen on a GPU machine, GCC 13)
+// can leave the iostream locale uninitialised in a dlopen'ed module, and
+// formatting a number through std::ostringstream then segfaults.
+inline void append(std::string& out, const char* part) { out += part; }
+inline void append(std::string& out, const std::string& part) { out += part; }
+template <typename Number, typename = std::enable_if_t<std::is_arithmetic_v<Number>>>
+void append(std::string& out, Number part) {
+  out += std::to_string(part);
+}
+
 // Every failed check raises ValueError naming the op, the argument and what
 // was expected.
 template <typename... Parts>
 void require(bool ok, const char* op, const char* arg, const Parts&... expected) {
   if (ok) return;
-  std::ostringstream msg;
-  msg << op << ": " << arg << " ";
-  (msg << ... << expected);
-  throw std::invalid_argument(msg.str());
+  std::string msg = std::string(op) + ": " + arg + " ";
+  (append(msg, expected), ...);
+  throw std::invalid_argument(msg);
 }
 
 void require_pointer(uintptr_t ptr, size_t align, bool needed, const char* op, const char* arg) {

@@ -55,16 +55,19 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(BFloat16 v) { return __uint_as_float(uint32_t(v.bits) << 16); }
 __device__ __forceinline__ float to_float(Half v) { return __half2float(__ushort_as_half(v.bits)); }
 
-// kElems consecutive elements in one load: 16 bytes when kElems > 1, which
-// needs 16-byte aligned addresses (the launcher checks).
-template <typename T, int kElems>
+// kElems consecutive elements as floats: one 16-byte load when kAligned (the
+// launcher checks the addresses), else element by element. The floats are
+// the same either way.
+template <typename T, int kElems, bool kAligned>
 struct Loader {
-  static_assert(kElems == 1, "vector loads are specialised below");
-  __device__ __forceinline__ static void load(const T* p, float* out) { out[0] = to_float(*p); }
+  __device__ __forceinline__ static void load(const T* p, float* out) {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) out[i] = to_float(p[i]);
+  }
 };
 
 template <>
-struct Loader<float, 4> {
+struct Loader<float, 4, true> {
   __device__ __forceinline__ static void load(const float* p, float* out) {
     const float4 v = __ldg(reinterpret_cast<const float4*>(p));
     out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
@@ -72,7 +75,7 @@ struct Loader<float, 4> {
 };
 
 template <>
-struct Loader<BFloat16, 8> {
+struct Loader<BFloat16, 8, true> {
   __device__ __forceinline__ static void load(const BFloat16* p, float* out) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
@@ -85,7 +88,7 @@ struct Loader<BFloat16, 8> {
 };
 
 template <>
-struct Loader<Half, 8> {
+struct Loader<Half, 8, true> {
   __device__ __forceinline__ static void load(const Half* p, float* out) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};

@@ -1,11 +1,12 @@
 // sample_tokens on CUDA: one block of kThreads per row.
 //
 // Each warp owns one contiguous segment of the row (so segments are in
-// column order) and streams it with 16-byte loads, keeping an online
-// softmax state per thread: running max, sum exp(x - max) at temperature 1
-// and at t, first argmax, top-2, entropy sum. Warp shuffles and shared
-// memory merge the states. For t > 0 the inverse-CDF draw walks the
-// per-warp sums to the segment holding u * total, and the whole block
+// column order) and streams it with 16-byte loads (a row that is not 16-byte
+// aligned is read element by element in the same steps, so it sums in the
+// same order), keeping an online softmax state per thread: running max, sum
+// exp(x - max) at temperature 1 and at t, first argmax, top-2, entropy sum.
+// Warp shuffles and shared memory merge the states. For t > 0 a prefix sum
+// over the segments' masses finds the segment holding u * total, and the whole block
 // rescans only that segment (1/kWarps of the row, mostly from L2) with a
 // block prefix sum. Semantics: dfastllm/ops/reference.py.
 #include <cfloat>
@@ -117,9 +118,10 @@ __device__ __forceinline__ void consume(const float* x, long long col, float inv
   }
 }
 
-// One warp streams columns [begin, end) of the row (begin is kVec-aligned).
-template <typename T, ConfidenceMode Mode, Draw D, int kVec>
+// One warp streams columns [begin, end) of the row (begin is a multiple of kVec).
+template <typename T, ConfidenceMode Mode, Draw D, bool kAligned>
 __device__ void scan_segment(const T* row, long long begin, long long end, float inv_t, RowState& st) {
+  constexpr int kVec = kVecElems<T>;
   const int lane = threadIdx.x & 31;
   const long long n_vec = (end - begin) / kVec;
   for (long long v0 = 0; v0 < n_vec; v0 += 32 * kUnroll) {
@@ -128,7 +130,7 @@ __device__ void scan_segment(const T* row, long long begin, long long end, float
     for (int u = 0; u < kUnroll; ++u) {
       const long long v = v0 + u * 32 + lane;
       if (v < n_vec) {
-        Loader<T, kVec>::load(row + begin + v * kVec, x[u]);
+        Loader<T, kVec, kAligned>::load(row + begin + v * kVec, x[u]);
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[u][j] = kNegInf;
@@ -189,9 +191,10 @@ __device__ __forceinline__ long long segment_length(long long vocab, int kVec) {
 // Inverse CDF inside one segment: the first column whose running mass
 // exceeds the residual; falls back to the segment's last column with mass,
 // then to the row's argmax, when rounding between the sweeps leaves none.
-template <typename T, Draw D, int kVec>
+template <typename T, Draw D, bool kAligned>
 __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float row_max, float inv_t,
                                      long long argmax) {
+  constexpr int kVec = kVecElems<T>;
   __shared__ float warp_totals[kWarps];
   __shared__ long long warp_last[kWarps];
   __shared__ long long claimed;
@@ -206,7 +209,7 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
   for (long long c = lo; c < hi; c += kVec) {
     float x[kVec];
     if (c + kVec <= hi) {
-      Loader<T, kVec>::load(row + c, x);
+      Loader<T, kVec, kAligned>::load(row + c, x);
     } else {
       for (int j = 0; j < kVec; ++j) x[j] = c + j < hi ? to_float(row[c + j]) : kNegInf;
     }
@@ -246,7 +249,7 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
   return best >= 0 ? best : argmax;
 }
 
-template <typename T, ConfidenceMode Mode, Draw D, int kVec>
+template <typename T, ConfidenceMode Mode, Draw D, bool kAligned>
 __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t, const RowUniforms& u) {
   __shared__ RowState warp_states[kWarps];
   __shared__ RowState row_state;
@@ -254,12 +257,12 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
 
   const T* row = static_cast<const T*>(p.logits) + r * p.row_stride;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const long long seg = segment_length(p.vocab, kVec);
+  const long long seg = segment_length(p.vocab, kVecElems<T>);
   const long long seg_begin = min((long long)p.vocab, seg * warp);
   const long long seg_end = min((long long)p.vocab, seg_begin + seg);
 
   RowState st;
-  scan_segment<T, Mode, D, kVec>(row, seg_begin, seg_end, inv_t, st);
+  scan_segment<T, Mode, D, kAligned>(row, seg_begin, seg_end, inv_t, st);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) st.shuffle_merge(o, inv_t);
   if (lane == 0) warp_states[warp] = st;
@@ -268,31 +271,35 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
     RowState w = lane < kWarps ? warp_states[lane] : RowState{};
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) w.shuffle_merge(o, inv_t);
-    if (lane == 0) {
-      row_state = w;
-      if (D != Draw::kGreedy && w.m != kNegInf) {
-        // Walk the segments' masses (each against its own max) in order.
-        double total = 0.0;
-        for (int i = 0; i < kWarps; ++i) {
-          const RowState& s = warp_states[i];
-          const float z = D == Draw::kTemperature ? s.zt : s.z1;
-          if (z > 0.0f) total += double(z) * exp((double(s.m) - w.m) * inv_t);
-        }
-        const double target = u.sample * total;
-        double cum = 0.0;
-        int chosen_seg = 0;
-        for (int i = 0; i < kWarps; ++i) {
-          const RowState& s = warp_states[i];
-          const float z = D == Draw::kTemperature ? s.zt : s.z1;
-          const double mass = z > 0.0f ? double(z) * exp((double(s.m) - w.m) * inv_t) : 0.0;
-          if (mass <= 0.0) continue;
-          chosen_seg = i;
-          if (cum + mass > target) break;
-          cum += mass;
-        }
-        plan.begin = min((long long)p.vocab, seg * chosen_seg);
+    if (lane == 0) row_state = w;
+    if (D != Draw::kGreedy && w.m != kNegInf) {
+      // The segment holding u * total: lane i takes segment i's mass (against
+      // its own max, rescaled to the row's) and a warp prefix sum finds the
+      // first segment whose running mass passes the target; with none (the
+      // target at the very end, by rounding), the last segment with mass.
+      // One exp per lane in parallel, not a serial walk of every segment.
+      double mass = 0.0;
+      if (lane < kWarps) {
+        const RowState& s = warp_states[lane];
+        const float z = D == Draw::kTemperature ? s.zt : s.z1;
+        if (z > 0.0f) mass = double(z) * exp((double(s.m) - w.m) * inv_t);
+      }
+      double inclusive = mass;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const double n = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += n;
+      }
+      const double total = __shfl_sync(0xffffffffu, inclusive, 31);
+      const double target = u.sample * total;
+      const unsigned passes = __ballot_sync(0xffffffffu, mass > 0.0 && inclusive > target);
+      const unsigned has_mass = __ballot_sync(0xffffffffu, mass > 0.0);
+      const int chosen = passes ? __ffs(passes) - 1 : (has_mass ? 31 - __clz(has_mass) : 0);
+      const double before = __shfl_sync(0xffffffffu, inclusive - mass, chosen);
+      if (lane == 0) {
+        plan.begin = min((long long)p.vocab, seg * chosen);
         plan.end = min((long long)p.vocab, plan.begin + seg);
-        plan.residual = float(target - cum);
+        plan.residual = float(passes ? target - before : target - total);
       }
     }
   }
@@ -307,7 +314,7 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   }
   long long token = total.idx;
   if constexpr (D != Draw::kGreedy) {
-    token = draw_in_segment<T, D, kVec>(row, plan, total.m, inv_t, total.idx);
+    token = draw_in_segment<T, D, kAligned>(row, plan, total.m, inv_t, total.idx);
   }
   if (threadIdx.x != 0) return;
   p.tokens[r] = token;
@@ -324,7 +331,7 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   p.confidence[r] = conf;
 }
 
-template <typename T, ConfidenceMode Mode, int kVec>
+template <typename T, ConfidenceMode Mode, bool kAligned>
 __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const SampleTokensParams p) {
   const long long r = blockIdx.x;
   const float t = p.temperature ? p.temperature[r] : p.temperature_scalar;
@@ -333,11 +340,11 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sample
   const RowUniforms u = row_uniforms(seed, offset);
   const float inv_t = 1.0f / t;
   if (!(t > 0.0f) || !isfinite(inv_t)) {
-    sample_row<T, Mode, Draw::kGreedy, kVec>(p, r, 1.0f, u);
+    sample_row<T, Mode, Draw::kGreedy, kAligned>(p, r, 1.0f, u);
   } else if (t == 1.0f) {
-    sample_row<T, Mode, Draw::kUnitTemperature, kVec>(p, r, 1.0f, u);
+    sample_row<T, Mode, Draw::kUnitTemperature, kAligned>(p, r, 1.0f, u);
   } else {
-    sample_row<T, Mode, Draw::kTemperature, kVec>(p, r, inv_t, u);
+    sample_row<T, Mode, Draw::kTemperature, kAligned>(p, r, inv_t, u);
   }
 }
 
@@ -350,14 +357,17 @@ void sample_tokens_cuda(const SampleTokensParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.stream);
   DFASTLLM_DISPATCH_DTYPE(p.dtype, T, [&] {
     DFASTLLM_DISPATCH_MODE(p.confidence_mode, Mode, [&] {
-      constexpr int kVec = cuda::kVecElems<T>;
+      // Both instantiations walk the row in the same kVecElems-wide steps (the
+      // unaligned one loads them element by element), so a row's result does
+      // not depend on its address or stride: rows reordered or copied into
+      // another batch give bit-identical tokens and confidences.
       const bool aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 &&
                            (p.row_stride * int64_t(sizeof(T))) % 16 == 0;
       const dim3 grid(unsigned(p.n_rows)), block(cuda::kThreads);
       if (aligned) {
-        cuda::sample_tokens_kernel<T, Mode, kVec><<<grid, block, 0, stream>>>(p);
+        cuda::sample_tokens_kernel<T, Mode, true><<<grid, block, 0, stream>>>(p);
       } else {
-        cuda::sample_tokens_kernel<T, Mode, 1><<<grid, block, 0, stream>>>(p);
+        cuda::sample_tokens_kernel<T, Mode, false><<<grid, block, 0, stream>>>(p);
       }
     });
   });
