@@ -45,6 +45,8 @@ class ServerConfig:
     max_num_tokens: int = _field(16384, "most canvas tokens in the running batch, counted as rows x longest canvas (prompt + generation)")
     engine_threads: int | None = _field(None, "torch CPU threads of the engine process; default: the cores "
                                         "left after the HTTP workers (at least 1)")
+    cuda_graphs: bool = _field(True, "on CUDA with kv_cache dual or prefix, replay the cached steps' forward "
+                               "as CUDA graphs")
     warmup: bool = _field(True, "run a short generation of the common shapes before reporting ready")
     # --- diffusion defaults for requests that do not say ---
     default_max_tokens: int = _field(128, "max_tokens when a request omits it", runtime=True)

@@ -9,7 +9,8 @@ One step:
      requests (FIFO within the budgets) and write their canvases;
   2. one model forward over the running rows (kv_cache none: whole canvases;
      dual/prefix: whole canvases at a block's first step, else only the part
-     that changes, attending to the cache);
+     that changes, attending to the cache; on CUDA that cached forward is a
+     replayed CUDA graph, `cuda_graphs.py`);
   3. the output head on the candidates' hidden rows only, one sampling and
      one commit kernel call, then one read of the candidates' cells;
   4. per request: advance its block, emit the newly final prefix, stop at
@@ -29,6 +30,7 @@ import time
 import torch
 
 from dfastllm.engine.batch import build_step
+from dfastllm.engine.cuda_graphs import CachedStepGraphs
 from dfastllm.engine.kv_cache import BatchBuffers
 from dfastllm.engine.request import Request, RequestOutput
 from dfastllm.engine.sampler import sample_and_commit
@@ -62,9 +64,10 @@ class EngineStats:
 class EngineCore:
     def __init__(self, loaded, *, kv_cache: str = "none", max_batch_size: int = 32,
                  max_num_tokens: int = 16384, max_model_len: int | None = None,
-                 device: str | torch.device | None = None, seed: int | None = None):
+                 device: str | torch.device | None = None, seed: int | None = None, cuda_graphs: bool = True):
         """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
-        `seed` makes the seeds drawn for requests without one reproducible."""
+        `seed` makes the seeds drawn for requests without one reproducible;
+        `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix)."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
         if max_batch_size < 1 or max_num_tokens < 1:
@@ -89,6 +92,8 @@ class EngineCore:
             n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
             dtype=weight.dtype, device=self.device, with_cache=kv_cache != "none",
             max_rows=max_batch_size, max_columns=self.max_model_len, fill_id=loaded.pad_token_id)
+        self.graphs = (CachedStepGraphs(self.model)
+                       if cuda_graphs and kv_cache != "none" and self.device.type == "cuda" else None)
         self.stats = EngineStats()
         self._queue_times: list[float] = []
         self._seeds = random.Random(seed)
@@ -168,8 +173,11 @@ class EngineCore:
                                    logits_shift=self.logits_shift)
                 kv = (self.buffers.cache_view(batch.rows, batch.cache_columns)
                       if self.kv_cache != "none" else None)
-                hidden = self.model(batch.input_ids, batch.position_ids, batch.attn_mask, kv,
-                                    batch.cache_positions)
+                if self.graphs is not None and batch.full_rows == 0:
+                    hidden = self.graphs.forward(batch, kv, self.buffers.version)
+                else:
+                    hidden = self.model(batch.input_ids, batch.position_ids, batch.attn_mask, kv,
+                                        batch.cache_positions)
                 cells = sample_and_commit(self.model.head, hidden, batch, self.buffers.canvas[:batch.rows],
                                           self.mask_id)
                 cells = cells.cpu().numpy()  # the step's one synchronisation

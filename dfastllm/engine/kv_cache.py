@@ -8,8 +8,8 @@ filled by moving a later one down (canvas and cache rows together).
 Capacity grows on demand (rows and columns), to what the batch needs now
 rounded up, so memory follows the admitted work (bounded by max_num_tokens)
 rather than max_batch_size x max_model_len. The cache has one column more
-than the longest canvas: padded queries write their K/V there, a scratch slot
-that no row ever attends to.
+than the canvas: padded queries write their K/V into that last column, a
+scratch slot that no row ever attends to.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class BatchBuffers:
         self.canvas = torch.empty(0, 0, dtype=torch.long, device=device)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.version = 0  # bumped when the tensors are reallocated (CUDA graphs hold their addresses)
 
     @property
     def rows(self) -> int:
@@ -69,6 +70,7 @@ class BatchBuffers:
                 new[:keep_r, :, :keep_c] = old[:keep_r, :, :keep_c]
             self.k, self.v = k, v
         self.canvas = canvas
+        self.version += 1
 
     def load_row(self, row: int, tokens: torch.Tensor) -> None:
         """Write a new request's canvas (prompt + masks) into its row."""

@@ -295,7 +295,7 @@ def load_core(config: ServerConfig):
 
     llm = LLM(config.model, device=config.device, dtype=config.dtype, kv_cache=config.kv_cache,
               max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens,
-              max_model_len=config.max_model_len)
+              max_model_len=config.max_model_len, cuda_graphs=config.cuda_graphs)
     return llm.engine
 
 

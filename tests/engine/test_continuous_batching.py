@@ -24,7 +24,11 @@ def _requests(params=GREEDY):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("kv_cache", ["none", "dual"])
 def test_batched_equals_alone(family, kv_cache, request):
-    loaded = request.getfixturevalue(family)
+    assert_batched_equals_alone(request.getfixturevalue(family), kv_cache)
+
+
+def assert_batched_equals_alone(loaded, kv_cache):
+    """On `loaded`'s device (tests/engine/test_cuda.py runs it on a GPU)."""
     together = generate(loaded, _requests(), kv_cache=kv_cache)
     for rid, ids, params in _requests():
         alone = generate(loaded, [(rid, ids, params)], kv_cache=kv_cache)

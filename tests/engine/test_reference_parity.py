@@ -30,7 +30,7 @@ def get_num_transfer_tokens(block_mask_index: torch.Tensor, steps: int) -> torch
     mask_num = block_mask_index.sum(dim=1, keepdim=True)
     base = mask_num // steps
     remainder = mask_num % steps
-    num = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    num = torch.zeros(mask_num.size(0), steps, dtype=torch.int64, device=mask_num.device) + base
     for i in range(mask_num.size(0)):
         num[i, :remainder[i]] += 1
     return num
@@ -39,14 +39,15 @@ def get_num_transfer_tokens(block_mask_index: torch.Tensor, steps: int) -> torch
 @torch.inference_mode()
 def reference_generate(loaded, prompt_ids, gen_length, block_length, steps) -> list[int]:
     model, mask_id = loaded.model, loaded.mask_token_id
-    x = torch.full((1, len(prompt_ids) + gen_length), mask_id, dtype=torch.long)
+    device = next(model.parameters()).device
+    x = torch.full((1, len(prompt_ids) + gen_length), mask_id, dtype=torch.long, device=device)
     x[0, :len(prompt_ids)] = torch.tensor(prompt_ids)
     p_len = len(prompt_ids)
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0
     steps_per_block = steps // num_blocks
-    positions = torch.arange(x.shape[1])[None]
+    positions = torch.arange(x.shape[1], device=device)[None]
     for nb in range(num_blocks):
         block_start, block_end = p_len + nb * block_length, p_len + (nb + 1) * block_length
         num_transfer = get_num_transfer_tokens(x[:, block_start:block_end] == mask_id, steps_per_block)
@@ -84,7 +85,11 @@ CASES = [(16, 8, 8), (16, 4, 8), (24, 8, 12), (32, 32, 32), (16, 16, 4), (18, 6,
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_engine_matches_reference(family, llada, dream):
-    loaded = {"llada": llada, "dream": dream}[family]
+    assert_engine_matches_reference({"llada": llada, "dream": dream}[family])
+
+
+def assert_engine_matches_reference(loaded):
+    """On `loaded`'s device (tests/engine/test_cuda.py runs it on a GPU)."""
     llm = LLM(loaded, kv_cache="none")
     stop_ids = {loaded.eos_token_id, loaded.eot_token_id} - {None}
     prompts = [prompt(5), prompt(9, start=90), prompt(3, start=150)]

@@ -1,0 +1,109 @@
+"""The engine on a CUDA device: the CPU suite's end-to-end checks again with
+the model, canvas, cache and kernels on the GPU. Skipped without one;
+`scripts/gpu_check.sh` runs this file on a GPU machine.
+
+* LLaDA's reference decoding, token for token (kv_cache none, fp32);
+* batched equals alone, in both KV modes;
+* the cached steps replayed as CUDA graphs give the eager steps' tokens,
+  across batch sizes, Dream's shift and buffers that grow mid-run;
+* the embedded tiny-llada gives the same tokens on CUDA as on the CPU (fp32),
+  and in bf16 (the CUDA default) still answers the families it has learned.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from dfastllm import SamplingParams
+from dfastllm.checkpoints import DEFAULT_MODEL_DIR
+from dfastllm.llm import LLM
+from dfastllm.models import load_model
+from dfastllm.testing import write_tiny_dream, write_tiny_llada
+
+from dfastllm.engine import EngineCore
+
+from .conftest import prompt, run_all
+from .test_continuous_batching import assert_batched_equals_alone
+from .test_kv_cache import _mixed
+from .test_reference_parity import assert_engine_matches_reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "tools"))
+import tiny_tasks  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.timeout(180)]
+
+GREEDY_CHAT = SamplingParams(max_tokens=32, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def cuda_models(tmp_path_factory):
+    """The engine suite's tiny random checkpoints (same seeds), loaded in fp32 on CUDA."""
+    def load(writer, name, seed):
+        return load_model(writer(tmp_path_factory.mktemp(name), seed=seed), device="cuda", dtype=torch.float32)
+    return {"llada": load(write_tiny_llada, "llada", 11), "dream": load(write_tiny_dream, "dream", 13)}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_engine_matches_reference_on_cuda(cuda_models, family):
+    assert_engine_matches_reference(cuda_models[family])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("kv_cache", ["none", "dual"])
+def test_batched_equals_alone_on_cuda(cuda_models, family, kv_cache):
+    assert_batched_equals_alone(cuda_models[family], kv_cache)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("kv_cache", ["dual", "prefix"])
+def test_cuda_graphs_give_the_eager_tokens(cuda_models, family, kv_cache):
+    def run(cuda_graphs: bool):
+        core = EngineCore(cuda_models[family], kv_cache=kv_cache, cuda_graphs=cuda_graphs)
+        for rid, ids, params in _mixed():
+            core.add_request(rid, ids, params)
+        tokens = {}
+        for _ in range(3):
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        # A longer request joins mid-run: the buffers grow, every graph is recaptured.
+        late = SamplingParams(max_tokens=24, block_length=4, steps=12, ignore_eos=True)
+        core.add_request("late", prompt(70, start=20), late)
+        for rid, (rest, _) in run_all(core).items():
+            tokens.setdefault(rid, []).extend(rest)
+        return tokens, core
+
+    (eager, _), (graphed, core) = run(False), run(True)
+    assert core.graphs is not None and core.graphs.captures >= 2 and core.buffers.version >= 2
+    assert graphed == eager and len(eager["late"]) == 24
+
+
+def _chat(llm: LLM, tasks) -> list:
+    return llm.chat([[{"role": "user", "content": t.prompt}] for t in tasks], GREEDY_CHAT)
+
+
+@pytest.mark.parametrize("kv_cache", ["none", "dual"])
+def test_embedded_model_gives_the_cpu_tokens_on_cuda(kv_cache):
+    """A trained model is confident, so fp32 on either device must commit the
+    same tokens in the same order: any difference is a kernel, mask or cache bug."""
+    tasks = tiny_tasks.held_out_set(4)  # every family, wrong answers included
+    cpu = _chat(LLM(DEFAULT_MODEL_DIR, device="cpu", kv_cache=kv_cache), tasks)
+    cuda = _chat(LLM(DEFAULT_MODEL_DIR, device="cuda", dtype="float32", kv_cache=kv_cache), tasks)
+    for task, a, b in zip(tasks, cpu, cuda):
+        assert (b.token_ids, b.num_steps) == (a.token_ids, a.num_steps), task
+
+
+@pytest.mark.parametrize("threshold", [None, 0.9])
+def test_embedded_model_answers_in_bf16_on_cuda(threshold):
+    """bf16 (what `dfastllm serve` loads on a GPU) keeps the learned families
+    right; the model card has them at 100% on the CPU."""
+    tasks = [t for t in tiny_tasks.held_out_set(5) if t.family in ("reverse", "copy", "facts")]
+    llm = LLM(DEFAULT_MODEL_DIR, device="cuda", kv_cache="dual")
+    assert next(llm.loaded.model.parameters()).dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=32, temperature=0.0, threshold=threshold)
+    replies = llm.chat([[{"role": "user", "content": t.prompt}] for t in tasks], params)
+    assert len(tasks) == 15
+    assert [(t.prompt, r.text) for t, r in zip(tasks, replies) if not tiny_tasks.check(t, r.text)] == []
