@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# GPU check of the kernels, for a machine with a CUDA GPU, torch (CUDA build),
-# nvcc, pybind11, cmake and ninja -- and none of the server's dependencies.
+# GPU check of the kernels and the engine, for a machine with a CUDA GPU,
+# torch (CUDA build), nvcc, pybind11, cmake and ninja -- and none of the
+# server's dependencies (the engine path needs only torch, numpy,
+# safetensors, tokenizers and jinja2).
 #   1. builds dfastllm._C (and _ipc) with CMake straight into dfastllm/,
 #      for this GPU's architecture only (DFASTLLM_CUDA_ARCHS overrides);
 #   2. runs tests/ops (CUDA cases included; they fail, not skip, if the
-#      extension lacks CUDA);
-#   3. runs the kernel benchmark on CUDA (and a quick CPU case);
+#      extension lacks CUDA) and tests/engine/test_cuda.py (the engine, CUDA
+#      graphs and the embedded model on the GPU);
+#   3. runs the kernel benchmark on CUDA (and a quick CPU case) and the
+#      engine benchmark on the 8B LLaDA shape (random weights, context 416,
+#      block 32, batch 1 and 8; cached steps with and without CUDA graphs);
 #   4. prints a short summary table last.
 # Needs pytest; if it is not installed, wheels in .whl/ (or $DFASTLLM_WHEELS)
-# are installed offline. Budget: < 8 minutes on one H100.
+# are installed offline. Budget: < 8 minutes on one H100 (about 3 on an H200).
+#   scripts/gpu_check.sh [--no-engine-bench]   # skip the 8B engine benchmark (~75 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -47,19 +53,35 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/ops tests/
   --junitxml="$OUT_DIR/ops-tests.xml" 2>&1 | tee "$OUT_DIR/ops-tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 
+say "tests/engine/test_cuda.py"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
+  2>&1 | tee "$OUT_DIR/engine-tests.log" | tail -25
+engine_test_rc=${PIPESTATUS[0]}
+
 say "benchmark"
 timeout 150 "$PY" benchmarks/kernels.py --device cuda --json >"$OUT_DIR/bench-cuda.log" 2>&1
 bench_rc=$?
 timeout 40 "$PY" benchmarks/kernels.py --device cpu --quick --ref-repeats 1 --json >"$OUT_DIR/bench-cpu.log" 2>&1
 grep -v '^{' "$OUT_DIR/bench-cuda.log" "$OUT_DIR/bench-cpu.log"
 
+engine_bench_rc=0
+if [ "${1:-}" != "--no-engine-bench" ]; then
+  say "engine benchmark (8B LLaDA shape)"
+  timeout 200 "$PY" benchmarks/engine.py --shape llada-8b --prompt-len 160 --max-tokens 256 \
+    --cuda-graphs off on --json >"$OUT_DIR/bench-engine.log" 2>&1
+  engine_bench_rc=$?
+  grep -v '^{' "$OUT_DIR/bench-engine.log"
+fi
+
 say "summary"
-"$PY" - "$OUT_DIR" "$test_rc" "$bench_rc" <<'PYEOF'
+"$PY" - "$OUT_DIR" "$test_rc" "$bench_rc" "$engine_test_rc" "$engine_bench_rc" <<'PYEOF'
 import json, pathlib, re, sys
-out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-log = (out / "ops-tests.log").read_text(errors="replace").strip().splitlines()
-summary = next((l for l in reversed(log) if re.search(r"passed|failed|error", l)), "no pytest summary")
-print(f"tests/ops: {summary} (rc {test_rc})")
+out = pathlib.Path(sys.argv[1])
+test_rc, bench_rc, engine_test_rc, engine_bench_rc = map(int, sys.argv[2:6])
+for name, rc in (("ops-tests.log", test_rc), ("engine-tests.log", engine_test_rc)):
+    log = (out / name).read_text(errors="replace").strip().splitlines()
+    summary = next((l for l in reversed(log) if re.search(r"passed|failed|error", l)), "no pytest summary")
+    print(f"{name.removesuffix('.log')}: {summary} (rc {rc})")
 rows = []
 for name in ("bench-cuda.log", "bench-cpu.log"):
     lines = [l for l in (out / name).read_text(errors="replace").splitlines() if l.startswith("{")]
@@ -70,11 +92,24 @@ for name in ("bench-cuda.log", "bench-cpu.log"):
         rows += data["sample_tokens"]
         for c in data["commit_tokens"]:
             print(f"{c['device']} commit_tokens 64x32: {c['kernel_s'] * 1e6:.1f} us")
-print(f"{'dev':5} {'N':>5} {'V':>7} {'t':>3} {'kernel ms':>9} {'speed-up':>9} {'GB/s':>7} {'%copy':>6}")
+print(f"{'dev':5} {'N':>5} {'V':>7} {'t':>3} {'call ms':>8} {'speed-up':>9} {'kernel ms':>9} {'GB/s':>7} {'%copy':>6}")
 for r in rows:
     share = f"{r['share_of_copy_bw'] * 100:5.0f}%" if "share_of_copy_bw" in r else "     -"
     speed = f"{r['speedup']:8.1f}x" if "speedup" in r else "        -"
-    print(f"{r['device']:5} {r['n']:5d} {r['v']:7d} {r['t']:3.0f} {r['kernel_s'] * 1e3:9.3f} {speed} {r['read_gbps']:7.0f} {share}")
-print("GPU CHECK", "PASSED" if test_rc == 0 and bench_rc == 0 else "FAILED")
-sys.exit(0 if test_rc == 0 and bench_rc == 0 else 1)
+    print(f"{r['device']:5} {r['n']:5d} {r['v']:7d} {r['t']:3.0f} {r['call_s'] * 1e3:8.3f} {speed} "
+          f"{r['kernel_s'] * 1e3:9.3f} {r['read_gbps']:7.0f} {share}")
+engine_log = out / "bench-engine.log"
+lines = [l for l in engine_log.read_text(errors="replace").splitlines() if l.startswith("{")] if engine_log.exists() else []
+if lines:
+    engine = json.loads(lines[-1])
+    print(f"engine: {engine.get('gpu')}, 8B weights read once {engine.get('weights_read_ms')} ms "
+          f"({engine.get('weights_read_gb')} GB at the copy bandwidth)")
+    print(f"{'kv':5} {'graphs':6} {'batch':>5} {'tok/s':>8} {'full ms':>8} {'block ms':>8} {'x read':>6}")
+    for r in engine["results"]:
+        print(f"{r['kv_cache']:5} {'on' if r['cuda_graphs'] else 'off':6} {r['batch_size']:5d} "
+              f"{r['tokens_per_s']:8.1f} {r['full_step_ms'] or 0:8.2f} {r['block_step_ms'] or 0:8.2f} "
+              f"{r.get('block_step_over_weights_read', 0):6.2f}")
+ok = test_rc == bench_rc == engine_test_rc == engine_bench_rc == 0
+print("GPU CHECK", "PASSED" if ok else "FAILED")
+sys.exit(0 if ok else 1)
 PYEOF
