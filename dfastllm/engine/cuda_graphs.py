@@ -17,14 +17,21 @@ holds the addresses of the K/V buffers it was captured against, so all are
 dropped when the buffers are reallocated; the least recently used is dropped
 past `max_graphs`. Every graph allocates from one shared memory pool: steps
 replay one at a time, and each replay's output is consumed before the next.
+
+If a capture fails (an op that cannot be captured, say, in a model this
+was not tried with), the engine logs it once and runs every later cached
+step eagerly: slower, never wrong, and no request fails for it.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -42,10 +49,13 @@ class CachedStepGraphs:
         self.buffers_version = -1
         self.pool = None
         self.captures = 0  # graphs captured so far (tests and logs)
+        self.failed = False  # a capture failed: every later step runs eagerly
 
     def forward(self, batch, kv_cache, buffers_version: int) -> torch.Tensor:
         """The model's hidden states for a cached step `batch` (a StepBatch)
         attending to `kv_cache` (views of buffers at `buffers_version`)."""
+        if self.failed:
+            return self.model(batch.input_ids, batch.position_ids, batch.attn_mask, kv_cache, batch.cache_positions)
         if buffers_version != self.buffers_version:
             self.graphs.clear()
             self.pool = torch.cuda.graph_pool_handle()
@@ -56,7 +66,13 @@ class CachedStepGraphs:
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
-            entry = self.graphs[key] = self._capture(args, kv_cache)
+            try:
+                entry = self.graphs[key] = self._capture(args, kv_cache)
+            except RuntimeError as error:
+                logger.warning("CUDA graph capture failed; cached steps run eagerly from now on: %s", error)
+                self.failed = True
+                self.graphs.clear()
+                return self.forward(batch, kv_cache, buffers_version)
         self.graphs.move_to_end(key)
         for static, value in zip(entry.inputs, args):
             static.copy_(value)

@@ -24,7 +24,7 @@ from dfastllm.engine.batch import build_step
 from dfastllm.engine.kv_cache import BatchBuffers
 from dfastllm.engine.request import Request
 
-from .conftest import generate, prompt
+from .conftest import generate, prompt, run_all
 
 CACHED = ["dual", "prefix"]
 
@@ -151,3 +151,24 @@ def test_compaction_moves_canvas_and_cache_rows():
     assert torch.equal(buffers.canvas[0, :10], torch.arange(10) + 200)
     assert torch.equal(buffers.k[1][0, :, :k2.shape[1] - 1], k2[:, :-1])
     assert not buffers.k[0][3:].any() and np.isfinite(buffers.v[0].numpy()).all()
+
+
+def test_a_failed_graph_capture_falls_back_to_eager(llada, monkeypatch):
+    """If capturing the cached step's CUDA graph fails, every cached step runs
+    eagerly and no request fails (the capture forced to fail, on the CPU)."""
+    from dfastllm.engine import EngineCore
+    from dfastllm.engine.cuda_graphs import CachedStepGraphs
+
+    def capture_fails(self, args, kv_cache):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(CachedStepGraphs, "_capture", capture_fails)
+    core = EngineCore(llada, kv_cache="dual")
+    core.graphs = CachedStepGraphs(core.model)
+    for rid, ids, params in _mixed():
+        core.add_request(rid, ids, params)
+    results = run_all(core)
+    assert core.graphs.failed and core.graphs.captures == 0
+    assert all(out.finish_reason == "length" for _, out in results.values())
+    assert _tokens(results) == _tokens(generate(llada, _mixed(), kv_cache="dual"))
