@@ -11,10 +11,12 @@ Every row contributes queries to ONE forward:
 Rows are right-padded to the longest query list. Keys are masked per row
 (key s is visible iff s < L_r), so padding never changes a row's result;
 padded queries read token 0 and, in the cached modes, write their K/V into
-the scratch column (the last one of the cache), never a real slot. The
-cached modes attend over the buffers' whole capacity (masked past each
-row's length), so a step's shapes change only when the buffers grow, and
-a CUDA graph captured for them is replayed step after step.
+the scratch column (the last one of the cache view, past every row's
+canvas), never a real slot. The cache view spans the longest canvas plus
+the scratch column rounded up to whole 64-column buckets (masked past each
+row's length), so a step's shapes change only when the longest canvas
+crosses a bucket, and a CUDA graph captured for them is replayed step after
+step.
 
 All integer inputs travel to the device as one int64 upload, all float
 inputs as one float32 upload.
@@ -27,6 +29,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from dfastllm.engine.kv_cache import COLUMN_ALIGN, round_up
 from dfastllm.engine.request import Request
 
 
@@ -37,7 +40,7 @@ class StepBatch:
     position_ids: torch.Tensor  # [B, T] long
     attn_mask: torch.Tensor | None  # [B, 1, T, S] bool, None when nothing is padded
     cache_positions: torch.Tensor | None  # [B, T] long (cached modes)
-    cache_columns: int  # S of the cache view (cached modes): the whole capacity
+    cache_columns: int  # S of the cache view (cached modes), a whole number of buckets
     full_rows: int  # rows that run over their whole canvas this step
     # Candidates (masked positions of each row's current block), row-major.
     hidden_index: torch.Tensor  # [N] index into hidden.reshape(B*T, D)
@@ -78,8 +81,9 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     columns = np.arange(width, dtype=np.int64)
     real = columns[None, :] < q_len[:, None]  # [B, T]
     query_pos = np.where(real, q_start[:, None] + columns[None, :], 0)
-    scratch = canvas.shape[1]  # the cache has one column more than the canvas
-    cache_pos = np.where(real, query_pos, scratch)
+    # The cache has one column more than the canvas, so the view fits.
+    cache_columns = min(round_up(longest + 1, COLUMN_ALIGN), canvas.shape[1] + 1) if cached else 0
+    cache_pos = np.where(real, query_pos, cache_columns - 1)  # the scratch column
 
     positions = [r.masked_positions() for r in requests]
     counts = np.array([p.size for p in positions], dtype=np.int64)
@@ -114,10 +118,8 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     query_pos_t = query_pos_t.view(n_rows, width)
     input_ids = canvas[:n_rows].gather(1, query_pos_t)
     if cached:
-        cache_columns = canvas.shape[1] + 1
         attn_mask = _key_mask(lengths_t, width, cache_columns)
     else:
-        cache_columns = 0
         padded = bool((lengths != longest).any())
         attn_mask = _key_mask(lengths_t, width, width) if padded else None
     return StepBatch(

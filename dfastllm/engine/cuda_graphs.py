@@ -11,8 +11,8 @@ their candidate count changes every step and they are a handful of kernels.
 
 A shape is (rows, query width, cache columns). In steady state there are
 few: rows follow the running batch size, the width is the block length
-(+1 for Dream's shift; prefix mode also the tail), and build_step attends
-over the buffers' whole capacity, which only changes when they grow. A graph
+(+1 for Dream's shift; prefix mode also the tail), and build_step rounds the
+cache columns up to 64-column buckets of the longest canvas. A graph
 holds the addresses of the K/V buffers it was captured against, so all are
 dropped when the buffers are reallocated; the least recently used is dropped
 past `max_graphs`. Every graph allocates from one shared memory pool: steps

@@ -8,8 +8,9 @@ filled by moving a later one down (canvas and cache rows together).
 Capacity grows on demand (rows and columns), to what the batch needs now
 rounded up, so memory follows the admitted work (bounded by max_num_tokens)
 rather than max_batch_size x max_model_len. The cache has one column more
-than the canvas: padded queries write their K/V into that last column, a
-scratch slot that no row ever attends to.
+than the canvas, so a step's cache view (the longest canvas plus a scratch
+column, where padded queries write their K/V and no row ever attends,
+rounded up to whole COLUMN_ALIGN buckets: see build_step) always fits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ COLUMN_ALIGN = 64
 ROW_ALIGN = 4
 
 
-def _round_up(n: int, align: int) -> int:
+def round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
@@ -54,8 +55,8 @@ class BatchBuffers:
         `live_rows` rows (canvas and cache) when reallocating."""
         if rows <= self.rows and columns <= self.columns:
             return
-        new_rows = min(_round_up(max(rows, 1), ROW_ALIGN), self.max_rows)
-        new_cols = min(_round_up(max(columns, 1), COLUMN_ALIGN), self.max_columns)
+        new_rows = min(round_up(max(rows, 1), ROW_ALIGN), self.max_rows)
+        new_cols = min(round_up(max(columns, 1), COLUMN_ALIGN), self.max_columns)
         keep_r, keep_c = min(live_rows, self.rows), min(new_cols, self.columns)
         canvas = torch.full((new_rows, new_cols), self.fill_id, dtype=torch.long, device=self.device)
         canvas[:keep_r, :keep_c] = self.canvas[:keep_r, :keep_c]

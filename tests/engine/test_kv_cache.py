@@ -172,3 +172,23 @@ def test_a_failed_graph_capture_falls_back_to_eager(llada, monkeypatch):
     assert core.graphs.failed and core.graphs.captures == 0
     assert all(out.finish_reason == "length" for _, out in results.values())
     assert _tokens(results) == _tokens(generate(llada, _mixed(), kv_cache="dual"))
+
+
+def test_cache_view_follows_the_longest_canvas_not_the_capacity(llada):
+    """After one long request grew the buffers, later steps still attend over
+    the longest running canvas (rounded up to a 64-column bucket, scratch
+    column included), not the whole capacity."""
+    params = SamplingParams(max_tokens=16, block_length=4, steps=8)
+    r = Request("short", prompt(54), params, seed=0, mask_id=llada.mask_token_id, stop_ids=frozenset(),
+                deadline=None, arrival=0.0)
+    r.slot = 0
+    config = llada.model.config
+    buffers = BatchBuffers(n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                           dtype=torch.float32, device=torch.device("cpu"), with_cache=True, max_rows=8,
+                           max_columns=512, fill_id=llada.pad_token_id)
+    buffers.ensure(1, 500, 0)  # a long request was here before
+    buffers.load_row(0, torch.tensor(r.prompt_ids + r.generated.tolist()))
+    batch = build_step([r], buffers.canvas, cache_mode="dual", logits_shift=0)
+    assert r.canvas_len == 70 and buffers.columns == 512
+    assert batch.cache_columns == 128 and batch.attn_mask.shape[-1] == 128
+    assert batch.cache_positions.max().item() <= 127
