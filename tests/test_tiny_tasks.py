@@ -76,8 +76,8 @@ def final_answer(task: tiny_tasks.Task) -> str:
 
 def check_work(task: tiny_tasks.Task, work: str) -> None:
     """The worked steps are each right: column sums/differences units first
-    (with the carry or borrow), or the word letter by letter with a running
-    count of the asked letter."""
+    (with the carry or borrow), or the asked letter, then the word letter by
+    letter with a running count of it."""
     if task.family == "arithmetic":
         a, op, b = arithmetic_operands(task.prompt)
         units, tens = work.split(", ")
@@ -91,7 +91,9 @@ def check_work(task: tiny_tasks.Task, work: str) -> None:
             assert tens == f"{a // 10}{'-1' if borrow else ''}-{b // 10}={(a - b) // 10}", task
         return
     letter, word = count_question(task.prompt)
-    steps = work.split(" ")
+    asked, tally = work.split(": ", 1)
+    assert asked == letter, task
+    steps = tally.split(" ")
     assert "".join(step[0] for step in steps) == word, task
     assert [int(step[1:]) for step in steps] == [word[:i + 1].count(letter) for i in range(len(word))], task
 

@@ -176,6 +176,7 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
 # always says "1" scores that without counting anything.
 COUNT_ANSWERS = {0: 0.2, 1: 0.3, 2: 0.3, 3: 0.2}
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+COUNT_MAX_LETTERS = 7  # "x: " + 7 steps + ", so n" + <|eot_id|> = 30 tokens, inside the 32-token block
 
 
 def _word_with(rng: random.Random, letter: str, times: int) -> str:
@@ -186,6 +187,7 @@ def _word_with(rng: random.Random, letter: str, times: int) -> str:
         return word
     others = [c for c in ALPHABET if c != letter]
     chars = [c if c != letter else rng.choice(others) for c in _pseudo_word(rng)]
+    del chars[COUNT_MAX_LETTERS:]
     while len(chars) < times + 2:
         chars.append(rng.choice(others))
     for i in rng.sample(range(len(chars)), times):
@@ -194,20 +196,24 @@ def _word_with(rng: random.Random, letter: str, times: int) -> str:
 
 
 def tally(word: str, letter: str) -> str:
-    """Counting written out, a running count after each letter:
-    "s0 t0 r1 a1 w1 b1 e1 r2 r3 y3, so 3". Each step copies the next letter
-    and adds one if it is the asked one: local work where the bare count
-    needs every match in the word found at once."""
+    """Counting written out: the asked letter, then a running count after
+    each letter of the word: "r: s0 t0 r1 a1 w1 b1 r2, so 2". Each step
+    copies the next letter and adds one if it is the asked one: local work
+    where the bare count needs every match in the word found at once. The
+    letter restated at the start of the answer sits at a fixed place that
+    every step can compare with, instead of somewhere in the question."""
     count, steps = 0, []
     for char in word:
         count += char == letter
         steps.append(f"{char}{count}")
-    return f"{' '.join(steps)}, so {count}"
+    return f"{letter}: {' '.join(steps)}, so {count}"
 
 
 def _count(rng: random.Random) -> tuple[str, str, str]:
     times = rng.choices(list(COUNT_ANSWERS), list(COUNT_ANSWERS.values()))[0]
     word = _word(rng)
+    while len(word) > COUNT_MAX_LETTERS:
+        word = _word(rng)
     # Letters of this word that give the drawn answer; with none, plant one.
     candidates = [c for c in sorted(set(word)) if word.count(c) == times] if times else \
         [c for c in ALPHABET if c not in word]
@@ -262,8 +268,8 @@ def sample_task(family: str, rng: random.Random, *, held_out: bool) -> Task:
 
 # Mixture of the training stream: harder families get more of it.
 TRAIN_MIX = {
-    "arithmetic": 0.28, "sort": 0.15, "reverse": 0.09, "count": 0.24,
-    "copy": 0.07, "facts": 0.13, "chat": 0.04,
+    "arithmetic": 0.34, "sort": 0.13, "reverse": 0.05, "count": 0.28,
+    "copy": 0.05, "facts": 0.11, "chat": 0.04,
 }
 # Mixture of the first steps (curriculum): mostly the copying families, whose
 # clean signal grows the look-up ("induction") circuits every family needs;

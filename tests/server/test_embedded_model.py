@@ -17,23 +17,24 @@ from serve_process import serving
 pytestmark = pytest.mark.timeout(180)
 
 # Questions from the held-out side of tools/tiny_tasks.py (never trained;
-# `held_out_set(100)`), with the answers it must give exactly: the families
-# the model has learned, and two worked sums with a carry and a borrow that
-# it gets right (its model card: arithmetic is at 54%, letter counting is not
-# there yet).
+# `held_out_set(100)`), with the answers it must give exactly, in both KV
+# modes, with and without threshold decoding: every family, the worked sum
+# with a carry, the difference with a borrow and two letter counts among
+# them (its model card: arithmetic 95%, counting 49%, the rest 93-100%).
 QUESTIONS = [
-    ("73 + 79 = ?", "3+9=12, 7+7+1=15, so 152"),
-    ("94 - 15 = ?", "14-5=9, 9-1-1=7, so 79"),
+    ("What is 84 + 48?", "4+8=12, 8+4+1=13, so 132"),
+    ("91 - 73 = ?", "11-3=8, 9-1-7=1, so 18"),
+    ("How many times does the letter q appear in mnqqq?", "q: m0 n0 q1 q2 q3, so 3"),
+    ("Count the letter j in jonj.", "j: j1 o1 n1 j2, so 2"),
     ("Put in order: 8, 7, 1, 3, 1", "1, 1, 3, 7, 8"),
     ("Sort these numbers: 0, 6, 3", "0, 3, 6"),
     ("Reverse: cheap", "paehc"),
     ("Reverse the word pogigeh.", "hegigop"),
-    ("Copy this: pen book foam chin", "pen book foam chin"),
-    ("Echo: hand fire", "hand fire"),
-    ("Tell me the capital of Morocco.", "Rabat"),
-    ("Which word is the opposite of wet?", "dry"),
-    ("Which city is the capital of Korea?", "Seoul"),
     ("Reverse: yellow", "wolley"),
+    ("Repeat after me: toast bone edge snow", "toast bone edge snow"),
+    ("Echo: dust girl wheat", "dust girl wheat"),
+    ("Tell me the capital of Greece.", "Athens"),
+    ("Tell me the opposite of win.", "lose"),
 ]
 
 
