@@ -155,14 +155,21 @@ struct Interval {
   float start, end;
 };
 
-__device__ Interval block_intervals(float v, float* warp_totals) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float inclusive = v;
+// Inclusive prefix sum of v over the warp's lanes (every lane calls it).
+template <typename F>
+__device__ __forceinline__ F warp_inclusive_sum(F v) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const float n = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += n;
+    const F n = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += n;
   }
+  return v;
+}
+
+__device__ Interval block_intervals(float v, float* warp_totals) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float inclusive = warp_inclusive_sum(v);
   const float up = __shfl_up_sync(0xffffffffu, inclusive, 1);
   const float exclusive = lane == 0 ? 0.0f : up;
   if (lane == 31) warp_totals[warp] = inclusive;
@@ -284,12 +291,7 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
         const float z = D == Draw::kTemperature ? s.zt : s.z1;
         if (z > 0.0f) mass = double(z) * exp((double(s.m) - w.m) * inv_t);
       }
-      double inclusive = mass;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const double n = __shfl_up_sync(0xffffffffu, inclusive, o);
-        if (lane >= o) inclusive += n;
-      }
+      const double inclusive = warp_inclusive_sum(mass);
       const double total = __shfl_sync(0xffffffffu, inclusive, 31);
       const double target = u.sample * total;
       const unsigned passes = __ballot_sync(0xffffffffu, mass > 0.0 && inclusive > target);

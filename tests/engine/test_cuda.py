@@ -18,11 +18,10 @@ import torch
 
 from dfastllm import SamplingParams
 from dfastllm.checkpoints import DEFAULT_MODEL_DIR
+from dfastllm.engine import EngineCore
 from dfastllm.llm import LLM
 from dfastllm.models import load_model
 from dfastllm.testing import write_tiny_dream, write_tiny_llada
-
-from dfastllm.engine import EngineCore
 
 from .conftest import prompt, run_all
 from .test_continuous_batching import assert_batched_equals_alone
