@@ -328,18 +328,22 @@ def test_true_streaming_first_chunk_after_a_fraction_of_the_time(http):
 
 
 def test_disconnect_mid_stream_cancels_the_engine_request(server, http):
-    before = metric(metrics(http), 'dfastllm:request_cancelled_total{reason="client_disconnect"}')
+    cancelled = 'dfastllm:request_cancelled_total{reason="client_disconnect"}'
+    assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") == 0)
+    before = metric(metrics(http), cancelled)
     body = completion(max_tokens=480, steps=480, block_length=4, ignore_eos=True, stream=True)
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as client:
         with client.stream("POST", "/v1/completions", json=body) as resp:
-            next(line for line in resp.iter_lines() if line.startswith("data: {"))
-            # The engine publishes its gauges once per loop: wait for this step's
-            # (>= 1: a request an earlier test's client walked away from may
-            # still be on its way out).
-            assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") >= 1)
+            # Keep the line iterator: a dropped one closes httpx's stream, and
+            # with it the connection, at once (the disconnect would then race
+            # the check below instead of following it).
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            # The engine publishes its gauges once per loop: wait for this step's.
+            assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") == 1)
+            assert metric(metrics(http), cancelled) == before
         # leaving the block closes the connection mid-stream
-    assert wait_for(lambda: metric(metrics(http), 'dfastllm:request_cancelled_total{reason="client_disconnect"}')
-                    >= before + 1)
+    assert wait_for(lambda: metric(metrics(http), cancelled) == before + 1)
     assert wait_for(lambda: metric(metrics(http), "dfastllm:num_requests_running") == 0)
 
 
