@@ -23,6 +23,7 @@ import time
 
 from dfastllm import tracing
 from dfastllm.engine.client import ErrorEvent, FinishedEvent, TokensEvent
+from dfastllm.ipc.messages import choice_id
 from dfastllm.sampling_params import SamplingParams
 from server.errors import InternalError, InvalidRequest, Unavailable
 from server.streaming import ChoiceText
@@ -88,9 +89,9 @@ class Generation:
 
     @classmethod
     def build(cls, state, request_id: str, request, prompts: list[list[int]], *, channel, started: float):
-        """One engine request per prompt and choice: distinct engine ids (the
-        first is the request id itself, so DELETE finds it), seeds offset by
-        the choice number."""
+        """One engine request per prompt and choice: distinct engine ids
+        (`choice_id`, so that DELETE finds them all), seeds offset by the
+        choice number."""
         n = request.n or 1
         choices = []
         refuse_mask_token(state.tokenizer, prompts, param="messages" if hasattr(request, "messages") else "prompt")
@@ -100,8 +101,8 @@ class Generation:
                 index = p * n + i
                 seeded = params if request.seed is None else dataclasses.replace(
                     params, seed=(request.seed + i) % SEED_MODULUS)
-                engine_id = request_id if index == 0 else f"{request_id}#{index}"
-                choices.append(Choice(index, engine_id, prompt_ids, seeded, ChoiceText(state.tokenizer, request.stop)))
+                choices.append(Choice(index, choice_id(request_id, index), prompt_ids, seeded,
+                                      ChoiceText(state.tokenizer, request.stop)))
         return cls(state, prompts, choices, channel=channel, started=started)
 
     @property

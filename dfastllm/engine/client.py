@@ -166,14 +166,15 @@ class _ClientBase:
             raise
         return stream
 
-    async def cancel(self, request_id: str) -> bool:
-        """Cancel any worker's request; False if unknown or already finished."""
+    async def cancel(self, request_id: str, *, all_choices: bool = False) -> bool:
+        """Cancel any worker's request (with `all_choices`, also its other
+        choices, see `choice_id`); False if nothing of it was still running."""
         self._check_ready(allow_draining=True)
         tag = next(self._reply_tags)
         ack = asyncio.get_running_loop().create_future()
         self._acks[tag] = ack
         try:
-            await self._send(encode(Cancel(request_id, tag)))
+            await self._send(encode(Cancel(request_id, tag, all_choices)))
             return await asyncio.wait_for(ack, CANCEL_TIMEOUT_S)
         except TimeoutError:
             raise EngineUnavailable(f"the engine did not answer a cancel within {CANCEL_TIMEOUT_S} s") from None

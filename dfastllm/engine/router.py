@@ -29,7 +29,7 @@ from dfastllm import tracing
 from dfastllm.config import ServerConfig
 from dfastllm.engine.circuit import CircuitBreaker
 from dfastllm.ipc.messages import (Cancel, CancelAck, Error, Finished, FinishReason, Message, Rejected, RejectReason,
-                                   Submit, Tokens)
+                                   Submit, Tokens, is_choice_of)
 
 Reply = tuple[int, Message]  # (worker slot, message)
 
@@ -122,13 +122,20 @@ class RequestRouter:
         return [(slot, Rejected(request_id, reason, message))]
 
     def cancel(self, slot: int, msg: Cancel) -> list[Reply]:
-        live = self.live.pop(msg.request_id, None)
-        if live is None:
-            return [(slot, CancelAck(msg.reply_tag, False))]
-        self.core.abort(msg.request_id)
-        self.circuit.request_done(msg.request_id, succeeded=False)
-        return [(live.slot, self._finished(msg.request_id, live, FinishReason.CANCELLED)),
-                (slot, CancelAck(msg.reply_tag, True))]
+        """FINISHED(cancelled) to the owners, then CANCEL_ACK (found or not) to
+        the sender. With `all_choices` (a DELETE) every live choice of the
+        request goes: a scan of the live table, which DELETEs can afford."""
+        rid = msg.request_id
+        targets = [r for r in self.live if is_choice_of(r, rid)] if msg.all_choices else [rid]
+        replies: list[Reply] = []
+        for target in targets:
+            live = self.live.pop(target, None)
+            if live is None:
+                continue
+            self.core.abort(target)
+            self.circuit.request_done(target, succeeded=False)
+            replies.append((live.slot, self._finished(target, live, FinishReason.CANCELLED)))
+        return replies + [(slot, CancelAck(msg.reply_tag, bool(replies)))]
 
     def _refusal(self, rid: str) -> tuple[RejectReason, str] | None:
         if self.draining:

@@ -24,7 +24,21 @@ from typing import ClassVar, Union
 
 from dfastllm.sampling_params import Remasking, SamplingParams
 
-MAX_REQUEST_ID_CHARS = 128
+MAX_REQUEST_ID_CHARS = 128  # a client's request id (X-Request-ID, DELETE /v1/requests/{id})
+# Choice i > 0 of a request (n > 1, several prompts) runs as "<request id>#<i>":
+# "#" is outside the client ids' alphabet, so no client id can collide with it.
+CHOICE_SEPARATOR = "#"
+MAX_ENGINE_ID_CHARS = MAX_REQUEST_ID_CHARS + 8  # a request id and "#<i>"
+
+
+def choice_id(request_id: str, index: int) -> str:
+    """The engine id of choice `index` of a request; the first is the
+    request id itself."""
+    return request_id if index == 0 else f"{request_id}{CHOICE_SEPARATOR}{index}"
+
+
+def is_choice_of(engine_id: str, request_id: str) -> bool:
+    return engine_id == request_id or engine_id.startswith(request_id + CHOICE_SEPARATOR)
 _MAGIC = 0xDF
 
 
@@ -86,6 +100,9 @@ class Cancel:
     KIND: ClassVar[MsgKind] = MsgKind.CANCEL
     request_id: str  # any worker's request (the DELETE endpoint)
     reply_tag: int  # echoed in CANCEL_ACK to the sender; 0..2^64-1
+    # Also every other choice of the request (`choice_id`), as DELETE means: its
+    # first choice may have finished while the others still run.
+    all_choices: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -147,6 +164,7 @@ PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "steps", "block_length", "
 _FINISHED = struct.Struct("=BIIIdd")
 _REJECTED = struct.Struct("=B")
 _ACK = struct.Struct("=QB")
+_CANCEL = struct.Struct("=QB")
 
 
 # ---------------------------------------------------------------- encoding
@@ -157,8 +175,8 @@ def _str(text: str, prefix: struct.Struct) -> bytes:
 
 
 def _request_id(request_id: str) -> bytes:
-    if not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
-        raise ValueError(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    if not 0 < len(request_id) <= MAX_ENGINE_ID_CHARS:
+        raise ValueError(f"request_id must be 1-{MAX_ENGINE_ID_CHARS} characters, got {len(request_id)}")
     return _str(request_id, _U16)
 
 
@@ -188,7 +206,7 @@ def _encode_submit(m: Submit) -> list[bytes]:
 
 _ENCODERS: dict[type, Callable[..., list[bytes]]] = {
     Submit: _encode_submit,
-    Cancel: lambda m: [_request_id(m.request_id), _U64.pack(m.reply_tag)],
+    Cancel: lambda m: [_request_id(m.request_id), _CANCEL.pack(m.reply_tag, m.all_choices)],
     Tokens: lambda m: [_request_id(m.request_id), _int32s(m.token_ids)],
     Finished: lambda m: [_request_id(m.request_id), _FINISHED.pack(
         FinishReason(m.reason), m.prompt_tokens, m.completion_tokens, m.steps, m.queue_time, m.run_time)],
@@ -241,8 +259,8 @@ class _Reader:
 
     def request_id(self) -> str:
         rid = self.str(_U16)
-        if not 0 < len(rid) <= MAX_REQUEST_ID_CHARS:
-            raise DecodeError(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
+        if not 0 < len(rid) <= MAX_ENGINE_ID_CHARS:
+            raise DecodeError(f"request_id must be 1-{MAX_ENGINE_ID_CHARS} characters, got {len(rid)}")
         return rid
 
     def int32s(self) -> list[int]:
@@ -293,16 +311,26 @@ def _decode_rejected(r: _Reader) -> Rejected:
     return Rejected(request_id, _enum(RejectReason, reason), r.str(_U32))
 
 
+def _flag(value: int, what: str) -> bool:
+    if value > 1:
+        raise DecodeError(f"{what} flag must be 0 or 1, got {value}")
+    return bool(value)
+
+
+def _decode_cancel(r: _Reader) -> Cancel:
+    request_id = r.request_id()
+    tag, all_choices = r.unpack(_CANCEL)
+    return Cancel(request_id, tag, _flag(all_choices, "CANCEL all_choices"))
+
+
 def _decode_ack(r: _Reader) -> CancelAck:
     tag, found = r.unpack(_ACK)
-    if found > 1:
-        raise DecodeError(f"CANCEL_ACK found flag must be 0 or 1, got {found}")
-    return CancelAck(tag, bool(found))
+    return CancelAck(tag, _flag(found, "CANCEL_ACK found"))
 
 
 _DECODERS: dict[int, Callable[[_Reader], Message]] = {
     MsgKind.SUBMIT: _decode_submit,
-    MsgKind.CANCEL: lambda r: Cancel(r.request_id(), *r.unpack(_U64)),
+    MsgKind.CANCEL: _decode_cancel,
     MsgKind.TOKENS: lambda r: Tokens(r.request_id(), r.int32s()),
     MsgKind.FINISHED: _decode_finished,
     MsgKind.ERROR: lambda r: Error(r.request_id(), r.str(_U32)),

@@ -18,7 +18,7 @@ from dfastllm.engine.client import (EngineClient, EngineRejected, EngineUnavaila
                                     TokensEvent)
 from dfastllm.ipc import EngineState
 from dfastllm.ipc.control import SlotState
-from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, decode
+from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, choice_id, decode
 from dfastllm.supervisor import Supervisor
 from dfastllm.testing import write_tiny_llada
 
@@ -71,6 +71,31 @@ def test_cancel_stops_the_request_within_one_step(engine):
             assert sum(len(m.token_ids) for m in ours if isinstance(m, Tokens)) == final.completion_tokens
             assert await client.cancel("cancel-me") is False  # already over
             assert await client.cancel("never-submitted") is False
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_all_choices_finds_those_still_running(engine):
+    # DELETE's case: the request's first choice is over, the others still run.
+    async def main():
+        client = EngineClient(engine.layout())
+        await client.start()
+        try:
+            streams = [await client.submit(choice_id("multi", i), [40 + i, 41], SamplingParams(**LONG))
+                       for i in range(3)]
+            other = await client.submit("multi-other", [50, 51], SamplingParams(**LONG))
+            assert await client.cancel("multi") is True  # the first choice alone
+            assert (await read_all(streams[0]))[1].reason == "cancelled"
+            assert await client.cancel("multi") is False
+            assert await client.cancel("multi", all_choices=True) is True
+            for stream in streams[1:]:
+                assert (await read_all(stream))[1].reason == "cancelled"
+            assert await client.cancel("multi", all_choices=True) is False
+            assert await client.cancel("multi-other") is True, "a request whose id only starts alike runs on"
+            assert (await read_all(other))[1].reason == "cancelled"
         finally:
             await client.close()
 

@@ -4,8 +4,9 @@ import struct
 
 import pytest
 
-from dfastllm.ipc.messages import (PARAM_FIELDS, Cancel, CancelAck, DecodeError, Error, Finished, FinishReason,
-                                   MsgKind, Rejected, RejectReason, Submit, Tokens, decode, encode)
+from dfastllm.ipc.messages import (MAX_ENGINE_ID_CHARS, MAX_REQUEST_ID_CHARS, PARAM_FIELDS, Cancel, CancelAck,
+                                   DecodeError, Error, Finished, FinishReason, MsgKind, Rejected, RejectReason, Submit,
+                                   Tokens, choice_id, decode, encode, is_choice_of)
 from dfastllm.sampling_params import Remasking, SamplingParams
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -24,6 +25,7 @@ def all_kinds(rng: random.Random) -> list:
         Submit("req-Ω-1", 3, random_ids(rng, 50), params, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                123_456_789),
         Cancel("other-worker:req.9", 2**64 - 1),
+        Cancel("req-3", 5, all_choices=True),
         Tokens("r", random_ids(rng, 17)),
         Finished("r", FinishReason.LENGTH, 50, 256, 64, 0.0125, 3.5),
         Error("r", "CUDA error: out of memory ✗"),
@@ -35,6 +37,7 @@ def all_kinds(rng: random.Random) -> list:
 def test_every_kind_round_trips():
     messages = all_kinds(random.Random(1))
     assert {m.KIND for m in messages} == set(MsgKind)
+    assert decode(encode(Cancel("r", 1))).all_choices is False
     for msg in messages:
         assert decode(encode(msg)) == msg
 
@@ -108,6 +111,11 @@ def test_bad_field_values_are_refused():
     with pytest.raises(DecodeError, match="found flag"):
         decode(bytes(ack))
 
+    cancel = bytearray(encode(Cancel("r", 1)))
+    cancel[-1] = 2
+    with pytest.raises(DecodeError, match="all_choices flag"):
+        decode(bytes(cancel))
+
 
 def test_invalid_sampling_params_name_the_request():
     frame = bytearray(encode(Submit("req-7", 0, [1], SamplingParams(temperature=0.5))))
@@ -119,9 +127,17 @@ def test_invalid_sampling_params_name_the_request():
     assert info.value.request_id == "req-7"
 
 
+def test_choice_ids_of_the_longest_request_id_fit_the_wire():
+    longest = "x" * MAX_REQUEST_ID_CHARS
+    last = choice_id(longest, 10**7 - 1)  # far more choices than a request may ask for
+    assert len(last) <= MAX_ENGINE_ID_CHARS and decode(encode(Tokens(last, [1]))).request_id == last
+    assert choice_id("req", 0) == "req" and is_choice_of("req", "req") and is_choice_of(choice_id("req", 3), "req")
+    assert not is_choice_of("req-2", "req") and not is_choice_of(choice_id("req-2", 1), "req")
+
+
 def test_encode_refuses_what_the_wire_cannot_carry():
     with pytest.raises(ValueError, match="request_id"):
-        encode(Tokens("x" * 129, [1]))
+        encode(Tokens("x" * (MAX_ENGINE_ID_CHARS + 1), [1]))
     with pytest.raises(ValueError, match="request_id"):
         encode(Cancel("", 1))
     with pytest.raises(ValueError, match="int32"):
@@ -132,7 +148,7 @@ def test_encode_refuses_what_the_wire_cannot_carry():
         encode(Finished("r", 9, 1, 1, 1, 0.0, 0.0))
     with pytest.raises(TypeError, match="not a dfastllm IPC message"):
         encode(("SUBMIT", "r"))
-    assert decode(encode(Tokens("x" * 128, [1]))).request_id == "x" * 128
+    assert decode(encode(Tokens("x" * MAX_ENGINE_ID_CHARS, [1]))).request_id == "x" * MAX_ENGINE_ID_CHARS
 
 
 def test_finish_reason_api_names():

@@ -171,6 +171,15 @@ async def test_delete_cancels_every_choice(api):
     assert not api.engine.core.has_unfinished()
 
 
+async def test_the_longest_request_id_takes_several_choices(api):
+    # Choice ids add "#<i>" to the request id: the wire leaves room for it.
+    rid = "x" * 128
+    resp = await api.post("/v1/completions", json={**LONG, "n": 2, "max_tokens": 2, "steps": 2},
+                          headers={"X-Request-ID": rid})
+    assert resp.status == 200, resp.body
+    assert resp.headers["x-request-id"] == rid and len(resp.json()["choices"]) == 2
+
+
 async def _metric(api, name: str) -> float:
     text = (await api.get("/metrics")).body.decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
