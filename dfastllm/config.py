@@ -75,6 +75,8 @@ class ServerConfig:
     circuit_failures: int = _field(5, "consecutive generation failures that open the circuit breaker")
     circuit_cooldown_s: float = _field(30.0, "seconds the circuit stays open before a half-open probe")
     engine_restart_limit: int = _field(10, "engine restarts in a row before the supervisor gives up")
+    engine_stall_timeout_s: float = _field(120.0, "restart a ready engine whose loop has not come round for "
+                                           "this long (hung, stopped); longer than any one denoising step. 0: never")
     drain_timeout_s: float = _field(30.0, "on SIGTERM, how long running requests may finish")
     # --- observability ---
     log_level: str = _field("info", "debug, info, warning or error", runtime=True,
@@ -170,6 +172,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.engine_threads is not None and self.engine_threads < 1:
             raise ValueError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
+        if self.engine_stall_timeout_s < 0:
+            raise ValueError(f"engine_stall_timeout_s must be >= 0, got {self.engine_stall_timeout_s!r}")
         if self.rate_limit_per_minute < 0:
             raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute!r}")
         if not 0 < self.port < 65536:

@@ -10,7 +10,9 @@ It owns what outlives any one engine or worker:
   exponential backoff while the control block says FAILED, given up after
   `engine_restart_limit` consecutive crashes that never reached READY, or at
   once when the engine exits with EXIT_PERMANENT_FAILURE (a bad checkpoint
-  or setting: its message is logged, no restart can help),
+  or setting: its message is logged, no restart can help); a ready engine
+  whose loop has not come round for `engine_stall_timeout_s` (hung, or
+  stopped) is killed, and restarted as after a crash,
 - Granian (`python -m granian --interface asgi server.asgi:app`, the
   command `server.launch.granian_argv` builds), whose master process
   respawns its own workers.
@@ -145,6 +147,9 @@ class Supervisor:
                 self._failures_before_ready = 0
                 logger.info("engine ready", extra={"generation": control.generation})
             code = self.engine.poll()
+            if code is None and self._stalled():
+                self.engine.kill()  # then restarted as after a crash; its requests fail with its generation
+                code = self.engine.wait()
             if code == EXIT_PERMANENT_FAILURE:
                 self.failure_message = self._read_failure()
                 logger.error("the engine cannot start; not restarting it: %s", self.failure_message)
@@ -163,6 +168,20 @@ class Supervisor:
             logger.error("the HTTP server exited unexpectedly", extra={"exit_code": self.granian.returncode})
             self.granian = None
             return False
+        return True
+
+    def _stalled(self) -> bool:
+        """A ready engine whose loop stopped coming round (hung, stopped).
+        Before READY the loop has not started: loading and warm-up take as
+        long as they take."""
+        control, limit = self.layout.control, self.config.engine_stall_timeout_s
+        if limit <= 0 or control.state not in (EngineState.READY, EngineState.DRAINING):
+            return False
+        age = control.loop_age()
+        if age <= limit:
+            return False
+        logger.error("the engine loop has not come round for %.1f s; killing the engine", age,
+                     extra={"engine_pid": self.engine.pid, "engine_stall_timeout_s": limit})
         return True
 
     def _read_failure(self) -> str:

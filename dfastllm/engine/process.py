@@ -33,6 +33,9 @@ The heartbeat comes from a small thread, not from the loop: one denoising
 step of a large model may take longer than the 0.75 s after which workers
 call the engine dead, and the heartbeat must say "this process is alive"
 whatever the step length. A dead process (kill -9, crash) stops it at once.
+A live process whose loop hangs (a stuck kernel, a deadlock, SIGSTOP) keeps
+beating, so the loop also marks each round in the control block, and the
+supervisor restarts an engine whose loop stops for engine_stall_timeout_s.
 """
 
 from __future__ import annotations
@@ -93,10 +96,12 @@ class EngineProcess:
         """Run until drained (SIGTERM) or orphaned; returns the exit code."""
         self._discard_stale_requests()
         self._publish_circuit()  # a predecessor's OPEN is not ours
+        self.control.loop_came_round()  # before READY: the supervisor's stall watch starts there
         self.control.set_state(EngineState.READY)
         logger.info("engine ready", extra={"slots": self.layout.n_slots})
         while True:
             now = time.monotonic()
+            self.control.loop_came_round()
             if self.stop_requested and self._drain_deadline is None:
                 self._begin_drain(now)
             if self._drain_deadline is not None and self._drained(now):

@@ -8,7 +8,8 @@ different cache lines):
 
     0    magic, layout version, n_slots, config capacity, creator pid
     64   engine state, engine generation, engine pid
-    128  heartbeat (CLOCK_MONOTONIC ns; the engine writes it every <= 0.5 s)
+    128  heartbeat (CLOCK_MONOTONIC ns; the engine writes it every <= 0.5 s),
+         loop progress (CLOCK_MONOTONIC ns; the engine loop writes it each round)
     192  queue depth, running, device memory used, device memory total,
          circuit state, circuit probe time (CLOCK_MONOTONIC ns)
     256  engine doorbell (every request ring's put rings it)
@@ -37,7 +38,7 @@ _MAGIC = int.from_bytes(b"DFLLCTL1", "little")
 _LAYOUT_VERSION = 1
 _HEADER = dict(magic=0, version=8, n_slots=16, config_capacity=24, creator_pid=32)
 _STATE, _GENERATION, _ENGINE_PID = 64, 72, 80
-_HEARTBEAT = 128
+_HEARTBEAT, _LOOP_AT = 128, 136
 _QUEUE_DEPTH, _RUNNING, _MEM_USED, _MEM_TOTAL = 192, 200, 208, 216
 # Zero in a fresh segment, so a block written before these words existed
 # reads CLOSED.
@@ -193,6 +194,11 @@ class ControlBlock:
     def beat(self) -> None:
         self.segment.store_u64(_HEARTBEAT, time.monotonic_ns())
 
+    def loop_came_round(self) -> None:
+        """The engine loop's own sign of life. The heartbeat comes from a
+        thread and goes on while the loop hangs; this word does not."""
+        self.segment.store_u64(_LOOP_AT, time.monotonic_ns())
+
     def publish_load(self, queue_depth: int, running: int) -> None:
         self.segment.store_u64(_QUEUE_DEPTH, queue_depth)
         self.segment.store_u64(_RUNNING, running)
@@ -222,6 +228,10 @@ class ControlBlock:
 
     def heartbeat_age(self) -> float:
         return (time.monotonic_ns() - self.segment.load_u64(_HEARTBEAT)) / 1e9
+
+    def loop_age(self) -> float:
+        """Seconds since the engine loop last came round (meaningful once READY)."""
+        return (time.monotonic_ns() - self.segment.load_u64(_LOOP_AT)) / 1e9
 
     @property
     def circuit_state(self) -> CircuitState:

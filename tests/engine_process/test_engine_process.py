@@ -17,7 +17,7 @@ from dfastllm import SamplingParams
 from dfastllm.engine.client import (EngineClient, EngineRejected, EngineUnavailable, ErrorEvent, FinishedEvent,
                                     TokensEvent)
 from dfastllm.ipc import EngineState
-from dfastllm.ipc.control import SlotState
+from dfastllm.ipc.control import SlotState, pid_alive
 from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, choice_id, decode
 from dfastllm.supervisor import Supervisor
 from dfastllm.testing import write_tiny_llada
@@ -237,6 +237,38 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
                 assert await wait_until(lambda: client.state().generation == generation + 1
                                         and client.state().state == EngineState.READY, 60, 0.05)
                 tokens, final = await read_all(await client.submit("reborn", [90, 91], SamplingParams(max_tokens=8)))
+                assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
+            finally:
+                await client.close()
+
+        asyncio.run(main())
+        assert running.supervisor.engine_starts == 2
+    finally:
+        running.stop()
+    assert running.segments() == []
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_engine_is_killed_and_restarted(tiny_llada_dir):
+    running = RunningEngine(engine_config(tiny_llada_dir, engine_stall_timeout_s=1.0))
+    try:
+        async def main():
+            client = EngineClient(running.layout())
+            await client.start()
+            try:
+                await asyncio.sleep(1.5)  # an idle loop comes round well within the limit
+                assert running.supervisor.engine_starts == 1
+                stream = await client.submit("stalled", [90, 91], SamplingParams(**LONG))
+                assert isinstance(await anext(stream), TokensEvent)
+                generation = client.state().generation
+                pid = running.supervisor.engine.pid
+                os.kill(pid, signal.SIGSTOP)  # alive, but nothing in it moves
+                _, final = await asyncio.wait_for(read_all(stream), 5)
+                assert isinstance(final, ErrorEvent) and final.engine_failed
+                assert await wait_until(lambda: client.state().generation == generation + 1
+                                        and client.state().state == EngineState.READY, 60, 0.05)
+                assert not pid_alive(pid)
+                tokens, final = await read_all(await client.submit("after-stall", [90, 91], SamplingParams(max_tokens=8)))
                 assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
             finally:
                 await client.close()
