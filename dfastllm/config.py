@@ -75,7 +75,7 @@ class ServerConfig:
     circuit_failures: int = _field(5, "consecutive generation failures that open the circuit breaker")
     circuit_cooldown_s: float = _field(30.0, "seconds the circuit stays open before a half-open probe")
     engine_restart_limit: int = _field(10, "engine restarts in a row before the supervisor gives up")
-    engine_stall_timeout_s: float = _field(120.0, "restart a ready engine whose loop has not come round for "
+    engine_stall_timeout_s: float = _field(300.0, "restart a ready engine whose loop has not come round for "
                                            "this long (hung, stopped); longer than any one denoising step. 0: never")
     drain_timeout_s: float = _field(30.0, "on SIGTERM, how long running requests may finish")
     # --- observability ---
