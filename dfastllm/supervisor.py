@@ -13,9 +13,12 @@ It owns what outlives any one engine or worker:
   or setting: its message is logged, no restart can help); a ready engine
   whose loop has not come round for `engine_stall_timeout_s` (hung, or
   stopped) is killed, and restarted as after a crash,
-- Granian (`python -m granian --interface asgi server.asgi:app`, the
-  command `server.launch.granian_argv` builds), whose master process
-  respawns its own workers.
+- Granian (`python -m server.launch`, the command
+  `server.launch.granian_argv` builds), whose master process respawns its
+  own workers (they end with it, see `dfastllm.lifetime`): restarted
+  after it exits with the same backoff, given up after HTTP_RESTART_LIMIT
+  exits in a row that each came within HTTP_STABLE_S of its start (a port
+  taken by someone else, a broken setting).
 
 Every child gets the configuration and the names in its environment:
 DFASTLLM_CONFIG_JSON, DFASTLLM_IPC_NAME, PROMETHEUS_MULTIPROC_DIR.
@@ -29,7 +32,6 @@ the metrics folder are removed. Exit 0 only if every child exited 0 too.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -45,6 +47,7 @@ from dfastllm.engine.process import EXIT_PERMANENT_FAILURE, FAILURE_FILE_ENV
 from dfastllm.ipc import EngineState, IpcLayout, new_base_name, remove_stale_segments
 from dfastllm.ipc.rate_limit import RateLimitTable
 from dfastllm.ipc.rate_limit import segment_name as rate_limit_segment
+from dfastllm.lifetime import die_with_parent
 
 logger = logging.getLogger("dfastllm.supervisor")
 
@@ -53,6 +56,8 @@ RESTART_BACKOFF_S = 0.5  # first delay; doubles with every crash before READY
 RESTART_BACKOFF_MAX_S = 30.0
 HTTP_STOP_TIMEOUT_S = 20.0  # Granian gives its workers 15 s to end their streams
 KILL_GRACE_S = 5.0  # after a timeout, how long SIGKILL may take
+HTTP_STABLE_S = 10.0  # Granian that ran this long before exiting did start
+HTTP_RESTART_LIMIT = 5  # exits in a row within HTTP_STABLE_S of the start
 
 
 def _child_setup() -> None:
@@ -62,8 +67,7 @@ def _child_setup() -> None:
     And SIGTERM when the supervisor dies, even by SIGKILL, so no child
     outlives the run that owns its segments."""
     os.setsid()
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class Supervisor:
@@ -86,6 +90,10 @@ class Supervisor:
         self._failures_before_ready = 0
         self._engine_reached_ready = False
         self._restart_at: float | None = None
+        self.http_starts = 0
+        self._http_started_at = 0.0
+        self._http_quick_exits = 0  # in a row, each within HTTP_STABLE_S of its start
+        self._http_restart_at: float | None = None
 
     # ---- start --------------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +122,8 @@ class Supervisor:
         from server.launch import run_granian
 
         c = self.config
+        self.http_starts += 1
+        self._http_started_at = time.monotonic()
         self.granian = run_granian(c, self.env, preexec_fn=_child_setup)
         logger.info("HTTP server started", extra={"granian_pid": self.granian.pid, "host": c.host, "port": c.port,
                                                   "workers": c.workers})
@@ -165,9 +175,26 @@ class Supervisor:
             self._restart_at = None
             self.start_engine()
         if self.granian is not None and self.granian.poll() is not None:
-            logger.error("the HTTP server exited unexpectedly", extra={"exit_code": self.granian.returncode})
-            self.granian = None
+            if not self._http_died():
+                return False
+        if self.granian is None and self._http_restart_at is not None and time.monotonic() >= self._http_restart_at:
+            self._http_restart_at = None
+            self.start_http()
+        return True
+
+    def _http_died(self) -> bool:
+        """Schedule Granian's restart; False when it keeps exiting as soon as it starts."""
+        code, self.granian = self.granian.returncode, None
+        ran_s = time.monotonic() - self._http_started_at
+        self._http_quick_exits = self._http_quick_exits + 1 if ran_s < HTTP_STABLE_S else 0
+        if self._http_quick_exits >= HTTP_RESTART_LIMIT:
+            logger.error("the HTTP server exited %d times in a row right after starting; giving up",
+                         self._http_quick_exits, extra={"exit_code": code})
             return False
+        delay = min(RESTART_BACKOFF_S * 2 ** self._http_quick_exits, RESTART_BACKOFF_MAX_S)
+        self._http_restart_at = time.monotonic() + delay
+        logger.error("the HTTP server exited; restarting", extra={"exit_code": code, "ran_s": round(ran_s, 1),
+                                                                   "restart_in_s": delay})
         return True
 
     def _stalled(self) -> bool:

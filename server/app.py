@@ -13,6 +13,8 @@ the worker's lifespan. Errors of every stage go to the one handler in
 
 from __future__ import annotations
 
+import signal
+
 import falcon
 import falcon.asgi
 import falcon.media
@@ -21,6 +23,7 @@ import orjson
 from dfastllm.config import ServerConfig
 from dfastllm.ipc.rate_limit import RateLimitTable
 from dfastllm.ipc.rate_limit import segment_name as rate_limit_segment
+from dfastllm.lifetime import die_with_parent
 from server.errors import handle_error
 from server.metrics import HttpMetrics
 from server.middleware.admission import Admission, TrustedProxies
@@ -112,6 +115,9 @@ def create_app_from_env():
     from dfastllm.engine.client import EngineClient
     from dfastllm.log import configure_logging
 
+    # Granian's master respawns its workers but, killed itself, leaves them
+    # running: they would keep the port and answer probes for a dead server.
+    die_with_parent(signal.SIGTERM)
     config = ServerConfig.from_process_env()
     configure_logging("worker", level=config.log_level, fmt=config.log_format)
     tracing.setup_tracing(config.tracing, service_name="dfastllm-worker", endpoint=config.otlp_endpoint)

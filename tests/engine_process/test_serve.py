@@ -3,7 +3,6 @@ with two HTTP workers, on a tiny checkpoint."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,11 +10,8 @@ import time
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dfastllm.ipc.control import pid_alive
+from serve_process import children, cmdline, free_port, serving
 
 
 def wait_for_status(url: str, status: int, timeout: float) -> bool:
@@ -60,3 +56,27 @@ def test_serve_restarts_a_killed_engine_and_stops_cleanly(tiny_llada_dir):
         code = server.wait(60)
     assert code == 0
     assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
+
+
+@pytest.mark.timeout(150)
+def test_serve_restarts_a_killed_http_server_and_leaves_no_worker_behind(tiny_llada_dir, tmp_path):
+    with serving(tiny_llada_dir, str(tmp_path / "serve.log"), "--workers", "2", "--no-warmup") as serve:
+        body = {"model": os.path.basename(tiny_llada_dir), "prompt": "hello there", "max_tokens": 8,
+                "temperature": 0}
+        first = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
+        assert first.status_code == 200
+        (granian,) = [pid for pid in children(serve.process.pid) if b"server.launch" in cmdline(pid)]
+        workers = serve.worker_pids()
+        assert len(workers) == 2
+        os.kill(granian, signal.SIGKILL)
+        # Its workers go with it (else they would hold the port and answer for a dead server) ...
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in workers):
+            time.sleep(0.1)
+        assert not any(pid_alive(pid) for pid in workers)
+        # ... and the supervisor starts a new Granian on the same port, over the same engine.
+        assert wait_for_status(serve.base_url + "/health/ready", 200, 60), serve.log_tail()
+        assert serve.process.poll() is None
+        again = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert len(serve.worker_pids()) == 2
