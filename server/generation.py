@@ -137,7 +137,9 @@ class Generation:
               for c in self.choices), return_exceptions=True)
         refusals = [r for r in results if isinstance(r, BaseException)]
         if refusals:
-            await asyncio.gather(*(r.aclose() for r in results if not isinstance(r, BaseException)))
+            # Refused as a whole: the choices admitted meanwhile go, and free
+            # their ids, so that a retry with the same X-Request-ID is not a duplicate.
+            await asyncio.gather(*(r.aclose(withdraw=True) for r in results if not isinstance(r, BaseException)))
             raise refusals[0]
         for choice, stream in zip(self.choices, results):
             choice.stream = stream

@@ -117,12 +117,14 @@ class RequestStream:
         self._ended = not isinstance(event, TokensEvent)
         return event
 
-    async def aclose(self) -> None:
-        """Stop listening; cancels the request if it has not finished."""
+    async def aclose(self, *, withdraw: bool = False) -> None:
+        """Stop listening; cancels the request if it has not finished. With
+        `withdraw` (its request was refused as a whole) the engine also frees
+        its id, finished or not."""
         self._ended = True
-        if not self.finished:
+        if not self.finished or withdraw:
             self.finished = True
-            self._client._abandon(self)
+            self._client._abandon(self, withdraw=withdraw)
 
 
 class _ClientBase:
@@ -166,15 +168,16 @@ class _ClientBase:
             raise
         return stream
 
-    async def cancel(self, request_id: str, *, all_choices: bool = False) -> bool:
+    async def cancel(self, request_id: str, *, all_choices: bool = False, withdraw: bool = False) -> bool:
         """Cancel any worker's request (with `all_choices`, also its other
-        choices, see `choice_id`); False if nothing of it was still running."""
+        choices, see `choice_id`; with `withdraw`, also free its id); False
+        if nothing of it was still running."""
         self._check_ready(allow_draining=True)
         tag = next(self._reply_tags)
         ack = asyncio.get_running_loop().create_future()
         self._acks[tag] = ack
         try:
-            await self._send(encode(Cancel(request_id, tag, all_choices)))
+            await self._send(encode(Cancel(request_id, tag, all_choices, withdraw)))
             return await asyncio.wait_for(ack, CANCEL_TIMEOUT_S)
         except TimeoutError:
             raise EngineUnavailable(f"the engine did not answer a cancel within {CANCEL_TIMEOUT_S} s") from None
@@ -234,15 +237,17 @@ class _ClientBase:
         if failed:
             logger.warning("ended %d open request(s): %s", len(failed), message)
 
-    def _abandon(self, stream: RequestStream) -> None:
+    def _abandon(self, stream: RequestStream, *, withdraw: bool = False) -> None:
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
-            self._cancel_in_background(stream.request_id)
+            self._cancel_in_background(stream.request_id, withdraw=withdraw)
+        elif withdraw:  # finished already: only the id is left to free
+            self._cancel_in_background(stream.request_id, withdraw=True)
 
-    def _cancel_in_background(self, request_id: str) -> None:
+    def _cancel_in_background(self, request_id: str, *, withdraw: bool = False) -> None:
         async def cancel() -> None:
             try:
-                await self.cancel(request_id)
+                await self.cancel(request_id, withdraw=withdraw)
             except EngineUnavailable:
                 pass  # a dead engine runs nothing
         task = asyncio.get_running_loop().create_task(cancel())

@@ -69,6 +69,9 @@ class RecentRequestIds:
         self._seen.move_to_end(request_id)
         self._expire(now)
 
+    def discard(self, request_id: str) -> None:
+        self._seen.pop(request_id, None)
+
 
 @dataclasses.dataclass
 class _Live:
@@ -124,11 +127,14 @@ class RequestRouter:
     def cancel(self, slot: int, msg: Cancel) -> list[Reply]:
         """FINISHED(cancelled) to the owners, then CANCEL_ACK (found or not) to
         the sender. With `all_choices` (a DELETE) every live choice of the
-        request goes: a scan of the live table, which DELETEs can afford."""
+        request goes: a scan of the live table, which DELETEs can afford.
+        With `withdraw` the id is free again, running or not."""
         rid = msg.request_id
         targets = [r for r in self.live if is_choice_of(r, rid)] if msg.all_choices else [rid]
         replies: list[Reply] = []
         for target in targets:
+            if msg.withdraw:
+                self.recent_ids.discard(target)
             live = self.live.pop(target, None)
             if live is None:
                 continue

@@ -103,6 +103,9 @@ class Cancel:
     # Also every other choice of the request (`choice_id`), as DELETE means: its
     # first choice may have finished while the others still run.
     all_choices: bool = False
+    # The request was refused as a whole (another of its choices was): this
+    # choice goes, and its id may be used again, as a refused request's may.
+    withdraw: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -164,7 +167,8 @@ PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "steps", "block_length", "
 _FINISHED = struct.Struct("=BIIIdd")
 _REJECTED = struct.Struct("=B")
 _ACK = struct.Struct("=QB")
-_CANCEL = struct.Struct("=QB")
+_CANCEL = struct.Struct("=QB")  # reply tag, flags
+_ALL_CHOICES, _WITHDRAW = 1, 2
 
 
 # ---------------------------------------------------------------- encoding
@@ -206,7 +210,8 @@ def _encode_submit(m: Submit) -> list[bytes]:
 
 _ENCODERS: dict[type, Callable[..., list[bytes]]] = {
     Submit: _encode_submit,
-    Cancel: lambda m: [_request_id(m.request_id), _CANCEL.pack(m.reply_tag, m.all_choices)],
+    Cancel: lambda m: [_request_id(m.request_id), _CANCEL.pack(
+        m.reply_tag, _ALL_CHOICES * m.all_choices | _WITHDRAW * m.withdraw)],
     Tokens: lambda m: [_request_id(m.request_id), _int32s(m.token_ids)],
     Finished: lambda m: [_request_id(m.request_id), _FINISHED.pack(
         FinishReason(m.reason), m.prompt_tokens, m.completion_tokens, m.steps, m.queue_time, m.run_time)],
@@ -311,21 +316,19 @@ def _decode_rejected(r: _Reader) -> Rejected:
     return Rejected(request_id, _enum(RejectReason, reason), r.str(_U32))
 
 
-def _flag(value: int, what: str) -> bool:
-    if value > 1:
-        raise DecodeError(f"{what} flag must be 0 or 1, got {value}")
-    return bool(value)
-
-
 def _decode_cancel(r: _Reader) -> Cancel:
     request_id = r.request_id()
-    tag, all_choices = r.unpack(_CANCEL)
-    return Cancel(request_id, tag, _flag(all_choices, "CANCEL all_choices"))
+    tag, flags = r.unpack(_CANCEL)
+    if flags & ~(_ALL_CHOICES | _WITHDRAW):
+        raise DecodeError(f"CANCEL flags {flags:#x} has unknown bits")
+    return Cancel(request_id, tag, bool(flags & _ALL_CHOICES), bool(flags & _WITHDRAW))
 
 
 def _decode_ack(r: _Reader) -> CancelAck:
     tag, found = r.unpack(_ACK)
-    return CancelAck(tag, _flag(found, "CANCEL_ACK found"))
+    if found > 1:
+        raise DecodeError(f"CANCEL_ACK found flag must be 0 or 1, got {found}")
+    return CancelAck(tag, bool(found))
 
 
 _DECODERS: dict[int, Callable[[_Reader], Message]] = {

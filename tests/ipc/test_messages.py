@@ -26,6 +26,8 @@ def all_kinds(rng: random.Random) -> list:
                123_456_789),
         Cancel("other-worker:req.9", 2**64 - 1),
         Cancel("req-3", 5, all_choices=True),
+        Cancel("req-4", 6, withdraw=True),
+        Cancel("req-5", 7, all_choices=True, withdraw=True),
         Tokens("r", random_ids(rng, 17)),
         Finished("r", FinishReason.LENGTH, 50, 256, 64, 0.0125, 3.5),
         Error("r", "CUDA error: out of memory ✗"),
@@ -37,7 +39,7 @@ def all_kinds(rng: random.Random) -> list:
 def test_every_kind_round_trips():
     messages = all_kinds(random.Random(1))
     assert {m.KIND for m in messages} == set(MsgKind)
-    assert decode(encode(Cancel("r", 1))).all_choices is False
+    assert decode(encode(Cancel("r", 1))) == Cancel("r", 1, all_choices=False, withdraw=False)
     for msg in messages:
         assert decode(encode(msg)) == msg
 
@@ -112,8 +114,8 @@ def test_bad_field_values_are_refused():
         decode(bytes(ack))
 
     cancel = bytearray(encode(Cancel("r", 1)))
-    cancel[-1] = 2
-    with pytest.raises(DecodeError, match="all_choices flag"):
+    cancel[-1] = 4
+    with pytest.raises(DecodeError, match="unknown bits"):
         decode(bytes(cancel))
 
 

@@ -328,6 +328,22 @@ async def test_body_limit_declared_and_chunked(tiny_model):
         assert small.status == 200
 
 
+async def test_a_request_refused_after_some_choices_were_admitted_frees_its_id(tiny_model):
+    async with running_app(tiny_model, max_batch_size=1, max_queue=1) as api:
+        running = api.start("POST", "/v1/completions", json={**LONG, "stream": True}, headers={"X-Request-ID": "busy"})
+        await running.wait_for(lambda body: body.count(b"data: ") >= 1)
+        # Choice 0 takes the one queue place, choice 1 is refused: the whole request is.
+        resp = await api.post("/v1/completions", json={**LONG, "n": 2}, headers={"X-Request-ID": "pair"})
+        assert resp.status == 503 and resp.json()["error"]["code"] == "overloaded"
+        assert (await api.delete("/v1/requests/busy")).status == 200
+        await running.finish()
+        # (n=1: with one queue place, two choices sent at once can again be refused.)
+        resp = await api.post("/v1/completions", json={**LONG, "max_tokens": 1, "steps": 1},
+                              headers={"X-Request-ID": "pair"})
+        assert resp.status == 200, resp.body
+        assert not api.engine.core.has_unfinished()
+
+
 async def test_full_queue_is_503_overloaded_with_retry_after(tiny_model):
     async with running_app(tiny_model, max_batch_size=1, max_queue=1) as api:
         running = api.start("POST", "/v1/completions", json={**LONG, "stream": True}, headers={"X-Request-ID": "r1"})
