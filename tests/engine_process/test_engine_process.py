@@ -212,6 +212,14 @@ def test_engine_metrics_reach_the_multiprocess_directory(engine):
     assert registry.get_sample_value("dfastllm:device_memory_used_bytes") > 0
 
 
+async def assert_a_new_engine_serves(client: EngineClient, generation: int) -> None:
+    """The supervisor restarted the engine: the next generation is READY and generates."""
+    assert await wait_until(lambda: client.state().generation == generation + 1
+                            and client.state().state == EngineState.READY, 60, 0.05)
+    tokens, final = await read_all(await client.submit(f"reborn-{generation}", [90, 91], SamplingParams(max_tokens=8)))
+    assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
+
+
 @pytest.mark.timeout(120)
 def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny_llada_dir):
     # No supervision at first: the workers must notice by the heartbeat alone.
@@ -234,10 +242,7 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
                     await client.submit("too-early", [90], SamplingParams(max_tokens=4))
 
                 running.supervise()  # the supervisor sees the death and restarts the engine
-                assert await wait_until(lambda: client.state().generation == generation + 1
-                                        and client.state().state == EngineState.READY, 60, 0.05)
-                tokens, final = await read_all(await client.submit("reborn", [90, 91], SamplingParams(max_tokens=8)))
-                assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
+                await assert_a_new_engine_serves(client, generation)
             finally:
                 await client.close()
 
@@ -265,11 +270,8 @@ def test_a_stalled_engine_is_killed_and_restarted(tiny_llada_dir):
                 os.kill(pid, signal.SIGSTOP)  # alive, but nothing in it moves
                 _, final = await asyncio.wait_for(read_all(stream), 5)
                 assert isinstance(final, ErrorEvent) and final.engine_failed
-                assert await wait_until(lambda: client.state().generation == generation + 1
-                                        and client.state().state == EngineState.READY, 60, 0.05)
+                await assert_a_new_engine_serves(client, generation)
                 assert not pid_alive(pid)
-                tokens, final = await read_all(await client.submit("after-stall", [90, 91], SamplingParams(max_tokens=8)))
-                assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
             finally:
                 await client.close()
 
