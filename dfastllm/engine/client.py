@@ -426,9 +426,19 @@ class InProcessEngineClient(_ClientBase):
                 if self.core.has_unfinished():
                     replies += self.router.step()
                 self._heartbeat = time.monotonic()
-                if replies:
-                    self._loop.call_soon_threadsafe(self._on_batch, [encode(msg) for _, msg in replies])
+                if replies and not self._post(self._on_batch, [encode(msg) for _, msg in replies]):
+                    return
         except BaseException as error:  # noqa: BLE001 - the engine thread dying is the "engine dead" case
             logger.exception("the in-process engine failed")
             self._state = EngineState.FAILED
-            self._loop.call_soon_threadsafe(self._fail_open, f"the engine failed: {type(error).__name__}: {error}")
+            self._post(self._fail_open, f"the engine failed: {type(error).__name__}: {error}")
+
+    def _post(self, callback, *args) -> bool:
+        """Run `callback(*args)` on the client's loop; False if that loop is
+        closed (its application ended without close()): nobody is left to answer."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:
+            self._state = EngineState.STOPPED
+            return False

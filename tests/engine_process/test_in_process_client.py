@@ -100,3 +100,18 @@ def test_state_metrics_and_close(loaded):
             await client.submit("late", [50], SamplingParams(max_tokens=4))
 
     asyncio.run(after_close())
+
+
+@pytest.mark.timeout(60)
+def test_a_loop_that_ends_without_close_stops_the_engine_thread(loaded):
+    # An application whose event loop ends with a request still running, without close().
+    client = InProcessEngineClient(loaded)
+
+    async def main():
+        await client.start()
+        await client.submit("orphaned", [50, 51], SamplingParams(max_tokens=400, block_length=4))
+
+    asyncio.run(main())
+    client._thread.join(10)
+    assert not client._thread.is_alive()
+    assert client.state().state == EngineState.STOPPED
