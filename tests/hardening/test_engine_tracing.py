@@ -8,10 +8,12 @@ from __future__ import annotations
 import gzip
 import http.server
 import secrets
+import socket
 import threading
 import zlib
 
 import httpx
+import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                         ExportTraceServiceResponse)
@@ -136,3 +138,15 @@ def test_a_request_without_traceparent_starts_its_own_trace(server, collector):
     assert root["parent_span_id"] == ""
     spans = _one_trace(collector, root["trace_id"])
     assert spans["engine.generate"]["parent_span_id"] == root["span_id"]
+
+
+def test_the_request_span_ends_when_the_client_leaves_before_the_first_byte(server, collector):
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    body = orjson.dumps(completion(max_tokens=480, steps=480, block_length=4, ignore_eos=True, stream=True))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"traceparent: 00-{trace_id}-{client_span}-01\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    # gone before the response: the worker's span must still end (and be exported)
+    assert wait_for(lambda: any(s["name"] == "POST /v1/completions" for s in collector.trace(trace_id)), timeout=20), \
+        collector.trace(trace_id)
