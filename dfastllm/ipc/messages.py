@@ -39,6 +39,8 @@ def choice_id(request_id: str, index: int) -> str:
 
 def is_choice_of(engine_id: str, request_id: str) -> bool:
     return engine_id == request_id or engine_id.startswith(request_id + CHOICE_SEPARATOR)
+
+
 _MAGIC = 0xDF
 
 
