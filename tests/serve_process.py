@@ -18,6 +18,22 @@ import httpx
 import orjson
 
 
+# The name the black-box tests serve their tiny checkpoint under.
+MODEL = "tiny"
+
+
+def tiny_checkpoint(directory) -> str:
+    """The tiny random LLaDA checkpoint the black-box server tests serve."""
+    from dfastllm.testing import write_tiny_llada
+
+    return write_tiny_llada(directory / "tiny", seed=5, max_sequence_length=512)
+
+
+def completion(**fields) -> dict:
+    """A /v1/completions body for MODEL: "Hello", 4 tokens, unless `fields` say otherwise."""
+    return {"model": MODEL, "prompt": "Hello", "max_tokens": 4, **fields}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,14 +149,19 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
-def metrics(serve: ServeProcess, headers: dict | None = None) -> dict[str, float]:
-    """The /metrics page as {series: value}."""
+def parse_metrics(text: str) -> dict[str, float]:
+    """A Prometheus text page as {series: value}."""
     values = {}
-    for line in httpx.get(serve.base_url + "/metrics", headers=headers, timeout=30).text.splitlines():
+    for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+def metrics(serve: ServeProcess, headers: dict | None = None) -> dict[str, float]:
+    """The /metrics page as {series: value}."""
+    return parse_metrics(httpx.get(serve.base_url + "/metrics", headers=headers, timeout=30).text)
 
 
 def metric(values: dict, name: str) -> float:

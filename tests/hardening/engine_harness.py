@@ -4,15 +4,8 @@ started with the flags and environment a test needs, with JSON logs."""
 
 from __future__ import annotations
 
-from serve_process import ServeProcess
-
-from dfastllm.testing import write_tiny_llada
-
-MODEL = "tiny"
-
-
-def tiny_checkpoint(directory) -> str:
-    return write_tiny_llada(directory / "tiny", seed=5, max_sequence_length=512)
+import serve_process
+from serve_process import MODEL, ServeProcess, tiny_checkpoint
 
 
 class EngineServer(ServeProcess):
@@ -27,4 +20,5 @@ class EngineServer(ServeProcess):
 
 
 def completion(**fields) -> dict:
-    return {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0, **fields}
+    """serve_process.completion, greedy unless `fields` say otherwise."""
+    return serve_process.completion(**{"temperature": 0, **fields})

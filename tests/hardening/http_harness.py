@@ -9,8 +9,8 @@ import hashlib
 
 import httpx
 import orjson
-from engine_harness import MODEL, tiny_checkpoint
-from serve_process import ServeProcess, serving
+import serve_process
+from serve_process import MODEL, ServeProcess, serving, tiny_checkpoint
 
 
 def serving_tiny(directory, *args: str, env: dict[str, str] | None = None):
@@ -32,7 +32,8 @@ def key_id(key: str) -> str:
 
 
 def completion(**fields) -> dict:
-    return {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **fields}
+    """serve_process.completion of 2 tokens unless `fields` say otherwise."""
+    return serve_process.completion(**{"max_tokens": 2, **fields})
 
 
 

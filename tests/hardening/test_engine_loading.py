@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from dfastllm.models import loader
 from dfastllm.models.loader import load_model
-from engine_harness import EngineServer, tiny_checkpoint
+from engine_harness import EngineServer
+from serve_process import tiny_checkpoint
 
 torch.set_num_threads(1)
 

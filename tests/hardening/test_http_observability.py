@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from dfastllm.config import ServerConfig
-from http_harness import MODEL, completion, fresh_connections, json_lines, key_id, serving_tiny
-from serve_process import wait_for
+from http_harness import completion, fresh_connections, json_lines, key_id, serving_tiny
+from serve_process import MODEL, wait_for
 from server.resources.admin import AdminConfigResponse
 
 KEY, KEY2, ADMIN = "key-one", "key-two", "admin-key"

@@ -17,11 +17,9 @@ import openai
 import orjson
 import pytest
 
-from dfastllm.testing import write_tiny_llada
-from serve_process import metric, serving, wait_for
+from serve_process import MODEL, completion, metric, parse_metrics, serving, tiny_checkpoint, wait_for
 from server import responses
 
-MODEL = "tiny"
 KEY = "test-key"
 MAX_BODY = 64 * 1024  # configured small, so the 413 tests move little data
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,9 +30,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("blackbox")
-    checkpoint = write_tiny_llada(directory / "tiny", seed=5, max_sequence_length=512)
-    with serving(checkpoint, str(directory / "serve.log"), "--served-model-name", MODEL, "--workers", "2",
-                 "--api-keys", KEY, "--max-body-bytes", str(MAX_BODY), "--no-warmup") as serve:
+    with serving(tiny_checkpoint(directory), str(directory / "serve.log"), "--served-model-name", MODEL,
+                 "--workers", "2", "--api-keys", KEY, "--max-body-bytes", str(MAX_BODY), "--no-warmup") as serve:
         yield serve
 
 
@@ -50,16 +47,8 @@ def oai(server):
 
 
 def metrics(http) -> dict[str, float]:
-    values = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-def completion(**fields) -> dict:
-    return {"model": MODEL, "prompt": "Hello", "max_tokens": 4, **fields}
+    """/metrics through the test's authenticated client."""
+    return parse_metrics(http.get("/metrics").text)
 
 
 # ---------------------------------------------------------------- endpoints
