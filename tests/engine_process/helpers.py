@@ -2,6 +2,7 @@
 processes, random requests and the offline reference."""
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -10,7 +11,7 @@ import threading
 
 from dfastllm import LLM, SamplingParams
 from dfastllm.config import ServerConfig
-from dfastllm.engine.client import TokensEvent
+from dfastllm.engine.client import EngineClient, TokensEvent
 from dfastllm.ipc import IpcLayout
 from dfastllm.supervisor import Supervisor
 
@@ -59,6 +60,17 @@ class RunningEngine:
 def start_client_process(base_name: str, mode: str, requests_json: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, CLIENT_PROCESS, base_name, mode, requests_json],
                             stdout=subprocess.PIPE, text=True)
+
+
+@contextlib.asynccontextmanager
+async def attached_client(layout: IpcLayout):
+    """An EngineClient of `layout`, started; closed on leaving."""
+    client = EngineClient(layout)
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:

@@ -22,7 +22,7 @@ from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, choice_id,
 from dfastllm.supervisor import Supervisor
 from dfastllm.testing import write_tiny_llada
 
-from .helpers import (LONG, RunningEngine, engine_config, offline, random_requests, read_all,
+from .helpers import (LONG, RunningEngine, attached_client, engine_config, offline, random_requests, read_all,
                       start_client_process, wait_until)
 
 
@@ -81,9 +81,7 @@ def test_cancel_stops_the_request_within_one_step(engine):
 def test_cancelling_all_choices_finds_those_still_running(engine):
     # DELETE's case: the request's first choice is over, the others still run.
     async def main():
-        client = EngineClient(engine.layout())
-        await client.start()
-        try:
+        async with attached_client(engine.layout()) as client:
             streams = [await client.submit(choice_id("multi", i), [40 + i, 41], SamplingParams(**LONG))
                        for i in range(3)]
             other = await client.submit("multi-other", [50, 51], SamplingParams(**LONG))
@@ -96,8 +94,6 @@ def test_cancelling_all_choices_finds_those_still_running(engine):
             assert await client.cancel("multi", all_choices=True) is False
             assert await client.cancel("multi-other") is True, "a request whose id only starts alike runs on"
             assert (await read_all(other))[1].reason == "cancelled"
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -105,15 +101,11 @@ def test_cancelling_all_choices_finds_those_still_running(engine):
 @pytest.mark.timeout(60)
 def test_leaving_a_stream_early_cancels_the_request(engine):
     async def main():
-        client = EngineClient(engine.layout())
-        await client.start()
-        try:
+        async with attached_client(engine.layout()) as client:
             stream = await client.submit("abandoned", [50, 51, 52], SamplingParams(**LONG))
             await anext(stream)
             await stream.aclose()
             assert await wait_until(lambda: client.state().running == 0, 1.0)
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -121,9 +113,7 @@ def test_leaving_a_stream_early_cancels_the_request(engine):
 @pytest.mark.timeout(60)
 def test_refusals_reach_the_submitter_and_do_not_consume_the_id(engine):
     async def main():
-        client = EngineClient(engine.layout())
-        await client.start()
-        try:
+        async with attached_client(engine.layout()) as client:
             with pytest.raises(EngineRejected) as refused:
                 await client.submit("retry-me", [60] * 200, SamplingParams(max_tokens=400))
             assert refused.value.reason == RejectReason.INVALID and "max_model_len" in refused.value.message
@@ -133,8 +123,6 @@ def test_refusals_reach_the_submitter_and_do_not_consume_the_id(engine):
             with pytest.raises(EngineRejected) as duplicate:
                 await client.submit("retry-me", [60, 61], SamplingParams(max_tokens=8))
             assert duplicate.value.reason == RejectReason.DUPLICATE_ID
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -172,14 +160,10 @@ def test_runtime_settings_from_the_control_block_apply_to_new_requests(engine):
     time.sleep(0.5)  # the engine looks at the config version at least every 0.25 s
 
     async def main():
-        client = EngineClient(engine.layout())
-        await client.start()
-        try:
+        async with attached_client(engine.layout()) as client:
             started = time.monotonic()
             tokens, final = await read_all(await client.submit("past-deadline", [45, 46], SamplingParams(**LONG)))
             return tokens, final, time.monotonic() - started
-        finally:
-            await client.close()
 
     try:
         tokens, final, seconds = asyncio.run(main())
@@ -196,12 +180,8 @@ def test_engine_metrics_reach_the_multiprocess_directory(engine):
     from prometheus_client.multiprocess import MultiProcessCollector
 
     async def main():
-        client = EngineClient(engine.layout())
-        await client.start()
-        try:
+        async with attached_client(engine.layout()) as client:
             await read_all(await client.submit("metered", [80, 81], SamplingParams(max_tokens=8)))
-        finally:
-            await client.close()
 
     asyncio.run(main())
     registry = CollectorRegistry()
@@ -226,9 +206,7 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
     running = RunningEngine(engine_config(tiny_llada_dir), supervise=False)
     try:
         async def main():
-            client = EngineClient(running.layout())
-            await client.start()
-            try:
+            async with attached_client(running.layout()) as client:
                 streams = [await client.submit(f"doomed-{i}", [90 + i, 91], SamplingParams(**LONG))
                            for i in range(4)]
                 generation = client.state().generation
@@ -243,8 +221,6 @@ def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny
 
                 running.supervise()  # the supervisor sees the death and restarts the engine
                 await assert_a_new_engine_serves(client, generation)
-            finally:
-                await client.close()
 
         asyncio.run(main())
         assert running.supervisor.engine_starts == 2
@@ -258,9 +234,7 @@ def test_a_stalled_engine_is_killed_and_restarted(tiny_llada_dir):
     running = RunningEngine(engine_config(tiny_llada_dir, engine_stall_timeout_s=1.0))
     try:
         async def main():
-            client = EngineClient(running.layout())
-            await client.start()
-            try:
+            async with attached_client(running.layout()) as client:
                 await asyncio.sleep(1.5)  # an idle loop comes round well within the limit
                 assert running.supervisor.engine_starts == 1
                 stream = await client.submit("stalled", [90, 91], SamplingParams(**LONG))
@@ -272,8 +246,6 @@ def test_a_stalled_engine_is_killed_and_restarted(tiny_llada_dir):
                 assert isinstance(final, ErrorEvent) and final.engine_failed
                 await assert_a_new_engine_serves(client, generation)
                 assert not pid_alive(pid)
-            finally:
-                await client.close()
 
         asyncio.run(main())
         assert running.supervisor.engine_starts == 2
@@ -292,9 +264,7 @@ def test_stop_drains_running_requests_then_removes_every_segment(tmp_path):
     engine_process = running.supervisor.engine
     try:
         async def main():
-            client = EngineClient(running.layout())
-            await client.start()
-            try:
+            async with attached_client(running.layout()) as client:
                 short = await client.submit("finishes", [100, 101], SamplingParams(max_tokens=4, ignore_eos=True))
                 endless = await client.submit("outlives-drain", [100, 102],
                                               SamplingParams(max_tokens=3000, block_length=3000, ignore_eos=True))
@@ -308,8 +278,6 @@ def test_stop_drains_running_requests_then_removes_every_segment(tmp_path):
                 assert isinstance(final, ErrorEvent) and not final.engine_failed
                 assert "shut down" in final.message
                 await stopping
-            finally:
-                await client.close()
 
         asyncio.run(main())
     finally:
