@@ -1,4 +1,4 @@
-"""Per-worker start and stop: attach to the engine, detach on shutdown."""
+"""Per-worker start and stop: attach to the engine and warm up, detach on shutdown."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineLifespan:
-    def __init__(self, engine_client):
+    def __init__(self, engine_client, warm_up=None):
         self.engine_client = engine_client
+        self.warm_up = warm_up  # work a first request would otherwise pay for
 
     async def process_startup(self, scope, event) -> None:
         await self.engine_client.start()
+        if self.warm_up is not None:
+            self.warm_up()
         log.info("worker attached to the engine")
 
     async def process_shutdown(self, scope, event) -> None:

@@ -11,6 +11,7 @@ import re
 import pytest
 
 import dfastllm
+import dfastllm.tokenizer as tokenizer_module
 from asgi_driver import MAX_MODEL_LEN, MODEL, parse_sse, running_app
 from server import responses
 
@@ -92,6 +93,12 @@ async def test_streamed_completion_equals_the_collected_one(api):
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage == responses.Usage(**whole["usage"])
+
+
+async def test_a_worker_compiles_the_chat_template_before_its_first_request(tiny_model):
+    tokenizer_module._compile_template.cache_clear()
+    async with running_app(tiny_model):
+        assert tokenizer_module._compile_template.cache_info().currsize == 1  # no request made yet
 
 
 async def test_chat_stream_shape(api):
