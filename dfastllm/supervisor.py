@@ -126,7 +126,7 @@ class Supervisor:
         self._http_started_at = time.monotonic()
         self.granian = run_granian(c, self.env, preexec_fn=_child_setup)
         logger.info("HTTP server started", extra={"granian_pid": self.granian.pid, "host": c.host, "port": c.port,
-                                                  "workers": c.workers})
+                                                  "workers": c.workers, "start": self.http_starts})
 
     # ---- watch --------------------------------------------------------------------
     def run(self) -> int:
