@@ -18,10 +18,10 @@ import pytest
 
 from dfastllm import SamplingParams
 from dfastllm.config import CONFIG_ENV
-from dfastllm.engine.client import EngineClient, FinishedEvent
+from dfastllm.engine.client import FinishedEvent
 from dfastllm.ipc import EngineState, IpcLayout, new_base_name
 
-from .helpers import engine_config, offline, random_requests, read_all, start_client_process
+from .helpers import attached_client, engine_config, offline, random_requests, read_all, start_client_process
 
 RING_CAPACITY = 4096  # about a hundred TOKENS messages
 
@@ -67,15 +67,11 @@ def test_a_stalled_worker_loses_nothing_and_blocks_no_one(small_ring_engine, tin
         assert stalled_ring.used_bytes >= RING_CAPACITY * 3 // 4  # full: the engine holds the rest back
 
         async def other_worker():
-            client = EngineClient(IpcLayout.attach(layout.base_name))
-            await client.start()
-            try:
+            async with attached_client(IpcLayout.attach(layout.base_name)) as client:
                 started = time.monotonic()
                 tokens, final = await read_all(await client.submit("unhindered", [40, 41, 42],
                                                                    SamplingParams(max_tokens=16)))
                 return tokens, final, time.monotonic() - started
-            finally:
-                await client.close()
 
         tokens, final, seconds = asyncio.run(other_worker())
         assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
