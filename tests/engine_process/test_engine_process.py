@@ -17,7 +17,7 @@ from dfastllm import SamplingParams
 from dfastllm.engine.client import (EngineClient, EngineRejected, EngineUnavailable, ErrorEvent, FinishedEvent,
                                     TokensEvent)
 from dfastllm.ipc import EngineState
-from dfastllm.ipc.control import SlotState, pid_alive
+from dfastllm.ipc.control import SlotState
 from dfastllm.ipc.messages import FinishReason, RejectReason, Tokens, choice_id, decode
 from dfastllm.supervisor import Supervisor
 from dfastllm.testing import write_tiny_llada
@@ -192,66 +192,60 @@ def test_engine_metrics_reach_the_multiprocess_directory(engine):
     assert registry.get_sample_value("dfastllm:device_memory_used_bytes") > 0
 
 
-async def assert_a_new_engine_serves(client: EngineClient, generation: int) -> None:
-    """The supervisor restarted the engine: the next generation is READY and generates."""
-    assert await wait_until(lambda: client.state().generation == generation + 1
-                            and client.state().state == EngineState.READY, 60, 0.05)
-    tokens, final = await read_all(await client.submit(f"reborn-{generation}", [90, 91], SamplingParams(max_tokens=8)))
-    assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
+def run_until_restarted(config, scenario, *, supervise: bool = True) -> None:
+    """`scenario(running, client)` makes the engine fail; then the supervisor
+    must have started exactly one new engine, which is READY and generates,
+    and every segment must go at stop."""
+    running = RunningEngine(config, supervise=supervise)
+    try:
+        async def main():
+            async with attached_client(running.layout()) as client:
+                generation = client.state().generation
+                await scenario(running, client)
+                assert await wait_until(lambda: client.state().generation == generation + 1
+                                        and client.state().state == EngineState.READY, 60, 0.05)
+                tokens, final = await read_all(await client.submit("reborn", [90, 91], SamplingParams(max_tokens=8)))
+                assert isinstance(final, FinishedEvent) and len(tokens) == final.completion_tokens
+
+        asyncio.run(main())
+        assert running.supervisor.engine_starts == 2
+    finally:
+        running.stop()
+    assert running.segments() == []
 
 
 @pytest.mark.timeout(120)
 def test_killed_engine_fails_open_requests_within_a_second_and_is_restarted(tiny_llada_dir):
+    async def scenario(running, client):
+        streams = [await client.submit(f"doomed-{i}", [90 + i, 91], SamplingParams(**LONG)) for i in range(4)]
+        killed_at = time.monotonic()
+        os.kill(running.supervisor.engine.pid, signal.SIGKILL)
+        finals = await asyncio.wait_for(asyncio.gather(*(read_all(s) for s in streams)), 5)
+        ended_after = time.monotonic() - killed_at
+        assert all(isinstance(final, ErrorEvent) and final.engine_failed for _, final in finals)
+        assert ended_after < 1.0
+        with pytest.raises(EngineUnavailable):
+            await client.submit("too-early", [90], SamplingParams(max_tokens=4))
+        running.supervise()  # the supervisor sees the death and restarts the engine
+
     # No supervision at first: the workers must notice by the heartbeat alone.
-    running = RunningEngine(engine_config(tiny_llada_dir), supervise=False)
-    try:
-        async def main():
-            async with attached_client(running.layout()) as client:
-                streams = [await client.submit(f"doomed-{i}", [90 + i, 91], SamplingParams(**LONG))
-                           for i in range(4)]
-                generation = client.state().generation
-                killed_at = time.monotonic()
-                os.kill(running.supervisor.engine.pid, signal.SIGKILL)
-                finals = await asyncio.wait_for(asyncio.gather(*(read_all(s) for s in streams)), 5)
-                ended_after = time.monotonic() - killed_at
-                assert all(isinstance(final, ErrorEvent) and final.engine_failed for _, final in finals)
-                assert ended_after < 1.0
-                with pytest.raises(EngineUnavailable):
-                    await client.submit("too-early", [90], SamplingParams(max_tokens=4))
-
-                running.supervise()  # the supervisor sees the death and restarts the engine
-                await assert_a_new_engine_serves(client, generation)
-
-        asyncio.run(main())
-        assert running.supervisor.engine_starts == 2
-    finally:
-        running.stop()
-    assert running.segments() == []
+    run_until_restarted(engine_config(tiny_llada_dir), scenario, supervise=False)
 
 
 @pytest.mark.timeout(120)
 def test_a_stalled_engine_is_killed_and_restarted(tiny_llada_dir):
-    running = RunningEngine(engine_config(tiny_llada_dir, engine_stall_timeout_s=1.0))
-    try:
-        async def main():
-            async with attached_client(running.layout()) as client:
-                await asyncio.sleep(1.5)  # an idle loop comes round well within the limit
-                assert running.supervisor.engine_starts == 1
-                stream = await client.submit("stalled", [90, 91], SamplingParams(**LONG))
-                assert isinstance(await anext(stream), TokensEvent)
-                generation = client.state().generation
-                pid = running.supervisor.engine.pid
-                os.kill(pid, signal.SIGSTOP)  # alive, but nothing in it moves
-                _, final = await asyncio.wait_for(read_all(stream), 5)
-                assert isinstance(final, ErrorEvent) and final.engine_failed
-                await assert_a_new_engine_serves(client, generation)
-                assert not pid_alive(pid)
+    async def scenario(running, client):
+        await asyncio.sleep(1.5)  # an idle loop comes round well within the limit
+        assert running.supervisor.engine_starts == 1
+        stream = await client.submit("stalled", [90, 91], SamplingParams(**LONG))
+        assert isinstance(await anext(stream), TokensEvent)
+        stalled = running.supervisor.engine
+        os.kill(stalled.pid, signal.SIGSTOP)  # alive, but nothing in it moves
+        _, final = await asyncio.wait_for(read_all(stream), 5)
+        assert isinstance(final, ErrorEvent) and final.engine_failed
+        assert await wait_until(lambda: stalled.returncode == -signal.SIGKILL, 30, 0.05)
 
-        asyncio.run(main())
-        assert running.supervisor.engine_starts == 2
-    finally:
-        running.stop()
-    assert running.segments() == []
+    run_until_restarted(engine_config(tiny_llada_dir, engine_stall_timeout_s=1.0), scenario)
 
 
 @pytest.mark.timeout(90)
