@@ -67,7 +67,7 @@ def _child_setup() -> None:
     And SIGTERM when the supervisor dies, even by SIGKILL, so no child
     outlives the run that owns its segments."""
     os.setsid()
-    die_with_parent(signal.SIGTERM)
+    die_with_parent()
 
 
 class Supervisor:

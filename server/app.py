@@ -13,8 +13,6 @@ the worker's lifespan. Errors of every stage go to the one handler in
 
 from __future__ import annotations
 
-import signal
-
 import falcon
 import falcon.asgi
 import falcon.media
@@ -125,7 +123,7 @@ def create_app_from_env():
 
     # Granian's master respawns its workers but, killed itself, leaves them
     # running: they would keep the port and answer probes for a dead server.
-    die_with_parent(signal.SIGTERM)
+    die_with_parent()
     config = ServerConfig.from_process_env()
     configure_logging("worker", level=config.log_level, fmt=config.log_format)
     tracing.setup_tracing(config.tracing, service_name="dfastllm-worker", endpoint=config.otlp_endpoint)
