@@ -8,14 +8,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineLifespan:
-    def __init__(self, engine_client, warm_up=None):
+    def __init__(self, engine_client, warm_up):
         self.engine_client = engine_client
         self.warm_up = warm_up  # work a first request would otherwise pay for
 
     async def process_startup(self, scope, event) -> None:
         await self.engine_client.start()
-        if self.warm_up is not None:
-            self.warm_up()
+        self.warm_up()
         log.info("worker attached to the engine")
 
     async def process_shutdown(self, scope, event) -> None:
