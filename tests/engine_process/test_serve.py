@@ -3,15 +3,13 @@ with two HTTP workers, on a tiny checkpoint."""
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from dfastllm.ipc.control import pid_alive
-from serve_process import children, cmdline, free_port, serving
+from serve_process import children, cmdline, serving
 
 
 def wait_for_status(url: str, status: int, timeout: float) -> bool:
@@ -27,35 +25,22 @@ def wait_for_status(url: str, status: int, timeout: float) -> bool:
 
 
 @pytest.mark.timeout(150)
-def test_serve_restarts_a_killed_engine_and_stops_cleanly(tiny_llada_dir):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "dfastllm.cli", "serve", "--model", tiny_llada_dir,
-                               "--port", str(port), "--workers", "2", "--no-warmup", "--log-format", "text"])
-    prefix = f"dfastllm-{server.pid}-"
-    try:
-        assert wait_for_status(base + "/health/ready", 200, 90), "the server did not become ready"
+def test_serve_restarts_a_killed_engine_and_stops_cleanly(tiny_llada_dir, tmp_path):
+    with serving(tiny_llada_dir, str(tmp_path / "serve.log"), "--workers", "2", "--no-warmup") as serve:
         body = {"model": os.path.basename(tiny_llada_dir), "prompt": "hello there", "max_tokens": 8, "temperature": 0}
-        first = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        first = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
         assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 8
-        metrics = httpx.get(base + "/metrics", timeout=10).text
+        metrics = httpx.get(serve.base_url + "/metrics", timeout=10).text
         assert "dfastllm:denoising_steps_total 8.0" in metrics
 
-        engine_pids = [int(p) for p in subprocess.run(["pgrep", "-f", "dfastllm.engine.process", "-P",
-                                                       str(server.pid)], capture_output=True, text=True
-                                                      ).stdout.split()]
-        assert len(engine_pids) == 1
-        os.kill(engine_pids[0], signal.SIGKILL)
-        assert wait_for_status(base + "/health/ready", 503, 5), "readiness did not drop"
-        assert httpx.get(base + "/health/live", timeout=5).status_code == 200
-        assert wait_for_status(base + "/health/ready", 200, 90), "no new engine became ready"
-        again = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        os.kill(serve.engine_pid(), signal.SIGKILL)
+        assert wait_for_status(serve.base_url + "/health/ready", 503, 5), "readiness did not drop"
+        assert httpx.get(serve.base_url + "/health/live", timeout=5).status_code == 200
+        assert wait_for_status(serve.base_url + "/health/ready", 200, 90), serve.log_tail()
+        again = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
-    assert code == 0
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
+    # serving() checked the exit code 0 of the SIGTERM stop.
+    assert serve.segments() == []
 
 
 @pytest.mark.timeout(150)
