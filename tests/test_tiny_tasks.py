@@ -77,7 +77,7 @@ def final_answer(task: tiny_tasks.Task) -> str:
 def check_work(task: tiny_tasks.Task, work: str) -> None:
     """The worked steps are each right: column sums/differences units first
     (with the carry or borrow), or the asked letter, then the word letter by
-    letter with a running count of it."""
+    letter with its mark (+ for the asked letter) and a running count of it."""
     if task.family == "arithmetic":
         a, op, b = arithmetic_operands(task.prompt)
         units, tens = work.split(", ")
@@ -93,9 +93,10 @@ def check_work(task: tiny_tasks.Task, work: str) -> None:
     letter, word = count_question(task.prompt)
     asked, tally = work.split(": ", 1)
     assert asked == letter, task
-    steps = tally.split(" ")
+    steps = [tally[i:i + 3] for i in range(0, len(tally), 3)]
     assert "".join(step[0] for step in steps) == word, task
-    assert [int(step[1:]) for step in steps] == [word[:i + 1].count(letter) for i in range(len(word))], task
+    assert [step[1] for step in steps] == ["+" if char == letter else "-" for char in word], task
+    assert [int(step[2]) for step in steps] == [word[:i + 1].count(letter) for i in range(len(word))], task
 
 
 def training_window(n=30_000, seed=0):

@@ -176,7 +176,7 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
 # always says "1" scores that without counting anything.
 COUNT_ANSWERS = {0: 0.2, 1: 0.3, 2: 0.3, 3: 0.2}
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-COUNT_MAX_LETTERS = 7  # "x: " + 7 steps + ", so n" + <|eot_id|> = 30 tokens, inside the 32-token block
+COUNT_MAX_LETTERS = 7  # "x: " + 7 steps of 3 + ", so n" + <|eot_id|> = 31 tokens, inside the 32-token block
 
 
 def _word_with(rng: random.Random, letter: str, times: int) -> str:
@@ -196,17 +196,18 @@ def _word_with(rng: random.Random, letter: str, times: int) -> str:
 
 
 def tally(word: str, letter: str) -> str:
-    """Counting written out: the asked letter, then a running count after
-    each letter of the word: "r: s0 t0 r1 a1 w1 b1 r2, so 2". Each step
-    copies the next letter and adds one if it is the asked one: local work
-    where the bare count needs every match in the word found at once. The
-    letter restated at the start of the answer sits at a fixed place that
-    every step can compare with, instead of somewhere in the question."""
+    """Counting written out: the asked letter, then each letter of the word
+    with a mark (+ if it is the asked one, - if not) and the running count:
+    "r: s-0t-0r+1a-1w-1b-1r+2, so 2". Each mark compares one letter with the
+    asked letter, restated at a fixed place at the start of the answer; each
+    count adds the mark just before it to the count three tokens back. With
+    the comparison and the sum in separate tokens, every token is one simple
+    step. No spaces: seven letters fit the 32-token block."""
     count, steps = 0, []
     for char in word:
         count += char == letter
-        steps.append(f"{char}{count}")
-    return f"{letter}: {' '.join(steps)}, so {count}"
+        steps.append(f"{char}{'+' if char == letter else '-'}{count}")
+    return f"{letter}: {''.join(steps)}, so {count}"
 
 
 def _count(rng: random.Random) -> tuple[str, str, str]:
