@@ -349,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--decay-fraction", type=float, default=0.4, help="share of the steps with a decaying lr")
+    p.add_argument("--decay-fraction", type=float, default=0.5, help="share of the steps with a decaying lr")
     p.add_argument("--warmup-mix-steps", type=int, default=1500,
                    help="steps drawn from the copy-heavy curriculum mixture")
     p.add_argument("--pretrain-fraction", type=float, default=0.5,

@@ -98,7 +98,7 @@ def test_embedded_model_gives_the_cpu_tokens_on_cuda(kv_cache):
 @pytest.mark.parametrize("threshold", [None, 0.9])
 def test_embedded_model_answers_in_bf16_on_cuda(threshold):
     """bf16 (what `dfastllm serve` loads on a GPU) keeps the learned families
-    right (the model card: 98%, 100% and 100% on the CPU)."""
+    right (the model card: 99%, 97% and 100% on the CPU)."""
     tasks = [t for t in tiny_tasks.held_out_set(5) if t.family in ("reverse", "copy", "facts")]
     llm = LLM(DEFAULT_MODEL_DIR, device="cuda", kv_cache="dual")
     assert next(llm.loaded.model.parameters()).dtype == torch.bfloat16

@@ -20,12 +20,12 @@ pytestmark = pytest.mark.timeout(180)
 # `held_out_set(100)`), with the answers it must give exactly, in both KV
 # modes, with and without threshold decoding: every family, the worked sum
 # with a carry, the difference with a borrow and two letter counts among
-# them (its model card: arithmetic 90%, counting 84%, the rest 98-100%).
+# them (its model card: arithmetic 90%, counting 85%, the rest 97-100%).
 QUESTIONS = [
     ("What is 84 + 48?", "4+8=12, 8+4+1=13, so 132"),
     ("51 - 25 = ?", "11-5=6, 5-1-2=2, so 26"),
     ("How many times does the letter n appear in vnznn?", "n: v-0n+1z-1n+2n+3, so 3"),
-    ("Count the letter b in mlubbp.", "b: m-0l-0u-0b+1b+2p-2, so 2"),
+    ("How many r's are in frgr?", "r: f-0r+1g-1r+2, so 2"),
     ("Put in order: 8, 7, 1, 3, 1", "1, 1, 3, 7, 8"),
     ("Sort these numbers: 0, 6, 3", "0, 3, 6"),
     ("Reverse: cheap", "paehc"),
