@@ -59,16 +59,21 @@ class ServeProcess:
                                         env={**environment, **(env or {})})
         self.segment_prefix = f"dfastllm-{self.process.pid}-"
 
+    def readiness(self) -> int | None:
+        """The status of /health/ready; None while nothing answers on the port
+        (starting, or its HTTP server restarting)."""
+        try:
+            return httpx.get(self.base_url + "/health/ready", timeout=2).status_code
+        except httpx.TransportError:
+            return None
+
     def wait_ready(self, timeout: float = 120) -> ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"dfastllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
+            if self.readiness() == 200:
+                return self
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"dfastllm serve not ready after {timeout} s:\n{self.log_tail()}")

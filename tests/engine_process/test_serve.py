@@ -3,25 +3,12 @@ with two HTTP workers, on a tiny checkpoint."""
 
 import os
 import signal
-import time
 
 import httpx
 import pytest
 
 from dfastllm.ipc.control import pid_alive
-from serve_process import children, cmdline, serving
-
-
-def wait_for_status(url: str, status: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == status:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    return False
+from serve_process import children, cmdline, serving, wait_for
 
 
 @pytest.mark.timeout(150)
@@ -34,9 +21,9 @@ def test_serve_restarts_a_killed_engine_and_stops_cleanly(tiny_llada_dir, tmp_pa
         assert "dfastllm:denoising_steps_total 8.0" in metrics
 
         os.kill(serve.engine_pid(), signal.SIGKILL)
-        assert wait_for_status(serve.base_url + "/health/ready", 503, 5), "readiness did not drop"
+        assert wait_for(lambda: serve.readiness() == 503, 5), "readiness did not drop"
         assert httpx.get(serve.base_url + "/health/live", timeout=5).status_code == 200
-        assert wait_for_status(serve.base_url + "/health/ready", 200, 90), serve.log_tail()
+        assert wait_for(lambda: serve.readiness() == 200, 90), serve.log_tail()
         again = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
     # serving() checked the exit code 0 of the SIGTERM stop.
@@ -55,12 +42,9 @@ def test_serve_restarts_a_killed_http_server_and_leaves_no_worker_behind(tiny_ll
         assert len(workers) == 2
         os.kill(granian, signal.SIGKILL)
         # Its workers go with it (else they would hold the port and answer for a dead server) ...
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(pid_alive(pid) for pid in workers):
-            time.sleep(0.1)
-        assert not any(pid_alive(pid) for pid in workers)
+        assert wait_for(lambda: not any(pid_alive(pid) for pid in workers), 20)
         # ... and the supervisor starts a new Granian on the same port, over the same engine.
-        assert wait_for_status(serve.base_url + "/health/ready", 200, 60), serve.log_tail()
+        assert wait_for(lambda: serve.readiness() == 200, 60), serve.log_tail()
         assert serve.process.poll() is None
         again = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
