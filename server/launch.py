@@ -14,14 +14,22 @@ Every worker reads the configuration and the engine's shared-memory names
 from the environment the supervisor prepared (DFASTLLM_CONFIG_JSON,
 DFASTLLM_IPC_NAME) and PROMETHEUS_MULTIPROC_DIR, so that one /metrics shows
 every process; `granian_argv` gives the command, the caller the environment.
+
+Like the engine, Granian's process checks that it imported the supervisor's
+`server` package, and when the supervisor died (the parent-death signal
+stopped it) removes the run's shared-memory segments as it exits (see
+`dfastllm.lifetime`).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from dfastllm.config import ServerConfig
+from dfastllm.ipc import ENV_NAME, remove_run_segments
+from dfastllm.lifetime import check_package_root, supervisor_gone
 
 APP_TARGET = "server.asgi:app"
 # On shutdown, how long a worker may take to end its streams before it is killed.
@@ -68,5 +76,14 @@ def serve(config: ServerConfig) -> None:
            log_dictconfig=logging_config(config), log_access=True, log_access_format=ACCESS_LOG_FORMAT).serve()
 
 
+def main() -> None:
+    check_package_root("server", __file__)
+    try:
+        serve(ServerConfig.from_process_env())
+    finally:
+        if supervisor_gone():
+            remove_run_segments(os.environ[ENV_NAME])
+
+
 if __name__ == "__main__":
-    serve(ServerConfig.from_process_env())
+    main()

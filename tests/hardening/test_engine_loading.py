@@ -29,7 +29,7 @@ def test_serve_fails_fast_with_the_message_on_a_checkpoint_missing_a_tensor(tmp_
     save_file(weights, f"{checkpoint}/model.safetensors")
 
     started = time.monotonic()
-    server = EngineServer(tmp_path, "--engine-restart-limit", "10", model=checkpoint)
+    server = EngineServer(tmp_path, "--load-retries", "10", model=checkpoint)
     try:
         code = server.process.wait(90)
     finally:
