@@ -60,9 +60,8 @@ def resolve_checkpoint(path_or_hub_id, *, files=WEIGHT_FILES, download=None, att
         return retry_with_backoff(attempt, what=f"downloading {path} from the hub", attempts=attempts,
                                   base_delay_s=base_delay_s, max_delay_s=max_delay_s, sleep=sleep)
     except Exception as e:
-        raise CheckpointDownloadError(
-            f"{path} is not a local directory, and downloading it from the hub failed "
-            f"after {tries} attempt(s): {type(e).__name__}: {e}") from e
+        raise CheckpointDownloadError(f"{path} is not a local directory, and downloading it from the hub failed "
+                                      f"after {tries} attempt(s): {one_line(e)}") from e
 
 
 def retry_with_backoff(fn: Callable[[], T], *, what: str, attempts: int, base_delay_s: float = 1.0,
@@ -81,10 +80,15 @@ def retry_with_backoff(fn: Callable[[], T], *, what: str, attempts: int, base_de
             if attempt == attempts or not retryable(e):
                 raise
             delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
-            logger.warning("%s failed (attempt %d of %d): %s: %s; retrying in %.1f s", what, attempt, attempts,
-                           type(e).__name__, e, delay)
+            logger.warning("%s failed (attempt %d of %d): %s; retrying in %.1f s", what, attempt, attempts,
+                           one_line(e), delay)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+def one_line(error: BaseException) -> str:
+    """"Type: message" on one line (the hub client's messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 class CheckpointDownloadError(OSError):

@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 
+from dfastllm.checkpoints import one_line
 from dfastllm.config import ServerConfig
 from dfastllm.engine.router import Reply, RequestRouter
 from dfastllm.ipc import EngineState, IpcLayout, remove_run_segments
@@ -380,7 +381,7 @@ def main() -> int:
         try:
             core = prepare_core(config, control)
         except Exception as error:
-            message = f"cannot serve {model}: {type(error).__name__}: {error}"
+            message = f"cannot serve {model}: {one_line(error)}"
             control.set_state(EngineState.FAILED)
             if is_permanent_failure(error):
                 logger.error("%s (not retrying: a restart cannot fix this)", message)
