@@ -43,8 +43,12 @@ def load_extension(name: str):
 
 
 def _check_built(name: str) -> None:
-    """ExtensionError unless a build of `dfastllm.<name>` for this Python is there (it is not loaded)."""
-    if importlib.util.find_spec(f"dfastllm.{name}") is None:
+    """ExtensionError unless a build of `dfastllm.<name>` for this Python lies
+    beside this file (it is not loaded). One found elsewhere (an editable
+    install's finder maps the name to another checkout) is not this package's."""
+    spec = importlib.util.find_spec(f"dfastllm.{name}")
+    here = os.path.dirname(os.path.realpath(__file__))
+    if spec is None or os.path.dirname(os.path.realpath(spec.origin)) != here:
         raise ExtensionError(_explain(name, "it is not built for this Python" + _other_builds(name)))
 
 
