@@ -46,7 +46,10 @@ def _check_built(name: str) -> None:
     """ExtensionError unless a build of `dfastllm.<name>` for this Python lies
     beside this file (it is not loaded). One found elsewhere (an editable
     install's finder maps the name to another checkout) is not this package's."""
-    spec = importlib.util.find_spec(f"dfastllm.{name}")
+    try:
+        spec = importlib.util.find_spec(f"dfastllm.{name}")
+    except ImportError as error:
+        raise ExtensionError(_explain(name, f"{type(error).__name__}: {error}")) from error
     here = os.path.dirname(os.path.realpath(__file__))
     if spec is None or os.path.dirname(os.path.realpath(spec.origin)) != here:
         raise ExtensionError(_explain(name, "it is not built for this Python" + _other_builds(name)))
@@ -64,7 +67,8 @@ def _other_builds(name: str) -> str:
 def _explain(name: str, why: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.isfile(os.path.join(root, "setup.py")):  # a source checkout, used in place
-        rebuild = f"`pip install -e . --no-build-isolation` in {root}"
+        rebuild = (f"`pip install -e . --no-build-isolation` in {root} (to use the checkout in place) or "
+                   "`pip install .` there (to install it)")
     else:
         rebuild = "`pip install .` from dfastllm's source folder (or reinstall the wheel) with this Python"
     return (f"dfastllm's compiled module dfastllm.{name} cannot be loaded: {why}. Rebuild it with {rebuild}; "
