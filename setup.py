@@ -102,12 +102,5 @@ class CMakeBuild(build_ext):
                 raise RuntimeError(f"CMake did not produce {built}")
 
 
-def _extensions() -> list[CMakeExtension]:
-    modules = [CMakeExtension("dfastllm._C")]
-    # Mirrors CMakeLists.txt: the IPC module exists once it has sources.
-    if any((ROOT / "csrc" / "ipc").glob("*.cpp")):
-        modules.append(CMakeExtension("dfastllm._ipc"))
-    return modules
-
-
-setup(ext_modules=_extensions(), cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("dfastllm._C"), CMakeExtension("dfastllm._ipc")],
+      cmdclass={"build_ext": CMakeBuild})

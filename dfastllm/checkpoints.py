@@ -1,13 +1,22 @@
 """Where a checkpoint lives: the embedded default model, a local directory,
 or a hub id downloaded with retries. Torch-free: the HTTP workers resolve the
-served model's config and tokenizer through it too."""
+served model's config and tokenizer through it too.
+
+`retry_with_backoff` is the one retry loop of model loading (the hub
+download here, reading the files in `dfastllm.models.loader`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The embedded default model of `dfastllm serve` and `dfastllm.LLM()`.
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llada")
@@ -40,16 +49,46 @@ def resolve_checkpoint(path_or_hub_id, *, files=WEIGHT_FILES, download=None, att
 
         def download(repo_id):
             return snapshot_download(repo_id, allow_patterns=list(files))
+    tries = 0
+
+    def attempt() -> str:
+        nonlocal tries
+        tries += 1
+        return download(path)
+
+    try:
+        return retry_with_backoff(attempt, what=f"downloading {path} from the hub", attempts=attempts,
+                                  base_delay_s=base_delay_s, max_delay_s=max_delay_s, sleep=sleep)
+    except Exception as e:
+        raise CheckpointDownloadError(f"{path} is not a local directory, and downloading it from the hub failed "
+                                      f"after {tries} attempt(s): {one_line(e)}") from e
+
+
+def retry_with_backoff(fn: Callable[[], T], *, what: str, attempts: int, base_delay_s: float = 1.0,
+                       max_delay_s: float = 30.0, sleep=time.sleep,
+                       retryable: Callable[[BaseException], bool] | None = None) -> T:
+    """fn()'s result. A failure that `retryable` (default `is_transient`)
+    judges worth another try is retried after an exponential backoff with
+    full jitter (uniform in [0, min(max_delay_s, base_delay_s * 2^(n-1))]
+    after the n-th failure), up to `attempts` tries in all, each retry
+    logged in one line; the last failure, or a permanent one, is raised."""
+    retryable = retryable or is_transient
     for attempt in range(1, attempts + 1):
         try:
-            return download(path)
+            return fn()
         except Exception as e:
-            if attempt == attempts or not is_transient(e):
-                raise CheckpointDownloadError(
-                    f"{path} is not a local directory, and downloading it from the hub failed "
-                    f"after {attempt} attempt(s): {type(e).__name__}: {e}") from e
-            sleep(random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1))))
+            if attempt == attempts or not retryable(e):
+                raise
+            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            logger.warning("%s failed (attempt %d of %d): %s; retrying in %.1f s", what, attempt, attempts,
+                           one_line(e), delay)
+            sleep(delay)
     raise AssertionError("unreachable")
+
+
+def one_line(error: BaseException) -> str:
+    """"Type: message" on one line (the hub client's messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 class CheckpointDownloadError(OSError):

@@ -23,11 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over the OpenAI-compatible HTTP API. Every option may also be given as an "
                     "environment variable DFASTLLM_<OPTION> (e.g. DFASTLLM_MAX_BATCH_SIZE); the flag wins.")
     ServerConfig.add_arguments(serve)
+    serve.set_defaults(command_parser=serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would report them under the top-level usage; the command's is the useful one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         try:
             config = ServerConfig.from_args(args)
@@ -51,9 +54,15 @@ def missing_checkpoint(model: str | None) -> str | None:
 
     from dfastllm.checkpoints import DEFAULT_MODEL_DIR, is_local_path
 
-    path = os.path.expanduser(model or DEFAULT_MODEL_DIR)
-    if (model is None or is_local_path(path)) and not os.path.isfile(os.path.join(path, "config.json")):
-        what = "the embedded default model" if model is None else "checkpoint directory"
+    path = os.path.abspath(os.path.expanduser(model or DEFAULT_MODEL_DIR))
+    if model is not None and not is_local_path(os.path.expanduser(model)):
+        return None
+    what = "the embedded default model" if model is None else "checkpoint directory"
+    if not os.path.exists(path):
+        return f"{what} {path} does not exist"
+    if not os.path.isdir(path):
+        return f"{what} {path} is not a directory"
+    if not os.path.isfile(os.path.join(path, "config.json")):
         return f"{what} {path} has no config.json (is it a LLaDA or Dream checkpoint?)"
     return None
 

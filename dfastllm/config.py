@@ -48,6 +48,8 @@ class ServerConfig:
     cuda_graphs: bool = _field(True, "on CUDA with kv_cache dual or prefix, replay the cached steps' forward "
                                "as CUDA graphs")
     warmup: bool = _field(True, "run a short generation of the common shapes before reporting ready")
+    seed: int | None = _field(None, "makes the seeds drawn for requests that give none reproducible; "
+                              "default: fresh each start")
     # --- diffusion defaults for requests that do not say ---
     default_max_tokens: int = _field(128, "max_tokens when a request omits it", runtime=True)
     default_block_length: int = _field(32, "block_length when a request omits it", runtime=True)
@@ -74,7 +76,8 @@ class ServerConfig:
     dedup_window_s: float = _field(600.0, "a request id seen within this many seconds is refused with 409")
     circuit_failures: int = _field(5, "consecutive generation failures that open the circuit breaker")
     circuit_cooldown_s: float = _field(30.0, "seconds the circuit stays open before a half-open probe")
-    engine_restart_limit: int = _field(10, "engine restarts in a row before the supervisor gives up")
+    load_retries: int = _field(3, "times the engine is started again after it failed before becoming ready "
+                               "(loading the model, warm-up); then the supervisor exits non-zero")
     engine_stall_timeout_s: float = _field(300.0, "restart a ready engine whose loop has not come round for "
                                            "this long (hung, stopped); longer than any one denoising step. 0: never")
     drain_timeout_s: float = _field(30.0, "on SIGTERM, how long running requests may finish")
@@ -110,18 +113,35 @@ class ServerConfig:
         text = os.environ.get(CONFIG_ENV)
         return cls.from_json(text) if text else cls.from_args([])
 
+    def with_absolute_paths(self) -> ServerConfig:
+        """A copy whose local paths (a checkpoint directory, the audit log
+        file) are absolute, resolved against this process's folder: the
+        supervisor's children run in another (see dfastllm.lifetime)."""
+        from dfastllm.checkpoints import is_local_path
+
+        changes = {}
+        if self.model is not None and is_local_path(os.path.expanduser(self.model)):
+            changes["model"] = os.path.abspath(os.path.expanduser(self.model))
+        if self.audit_log not in (None, "-"):
+            changes["audit_log"] = os.path.abspath(os.path.expanduser(self.audit_log))
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """A flag per field; its help ends with the default and the environment variable."""
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             kind = _base_type(f.type)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            # A field without a default says in its help what happens then.
+            shown = "" if default is None else f"default: {_show(default)}; "
+            help = f"{f.metadata['help']} ({shown}env {ENV_PREFIX}{f.name.upper()})"
             if kind is bool:
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
             elif kind is list:
-                parser.add_argument(flag, action="append", default=None, help=f.metadata["help"] + " (repeatable)")
+                parser.add_argument(flag, action="append", default=None, help=f"repeatable; {help}")
             else:
-                parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"],
-                                    help=f.metadata["help"])
+                parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=help)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | argparse.Namespace, environ: typing.Mapping[str, str] | None = None
@@ -174,6 +194,8 @@ class ServerConfig:
             raise ValueError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
         if self.engine_stall_timeout_s < 0:
             raise ValueError(f"engine_stall_timeout_s must be >= 0, got {self.engine_stall_timeout_s!r}")
+        if self.load_retries < 0:
+            raise ValueError(f"load_retries must be >= 0, got {self.load_retries!r}")
         if self.rate_limit_per_minute < 0:
             raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute!r}")
         if not 0 < self.port < 65536:
@@ -182,6 +204,15 @@ class ServerConfig:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
+
+
+def _show(value) -> str:
+    """A default as the user types it (flag or environment variable)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value) or "none"
+    return str(value)
 
 
 def _base_type(annotation) -> type:

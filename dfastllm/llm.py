@@ -18,12 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dfastllm.checkpoints import DEFAULT_MODEL_DIR
-from dfastllm.engine.core import EngineCore
-from dfastllm.models import LoadedModel, load_model
+from dfastllm.config import ServerConfig
+from dfastllm.engine.build import DTYPES, build_engine_core
+from dfastllm.models import LoadedModel
 from dfastllm.sampling_params import SamplingParams
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclasses.dataclass
@@ -46,23 +44,21 @@ class LLM:
         device: "auto" (CUDA when available), "cpu", "cuda[:N]". dtype: None or
         "auto" (bf16 on CUDA, fp32 on CPU), a name or a torch dtype.
         seed: makes the seeds of requests that give none reproducible.
-        cuda_graphs: replay cached steps' forwards as CUDA graphs (CUDA, kv_cache dual/prefix)."""
-        if model is None:  # the embedded default
-            model = DEFAULT_MODEL_DIR
-            if not os.path.isfile(os.path.join(model, "config.json")):
-                raise FileNotFoundError(f"the embedded default model is missing ({model} has no config.json); "
-                                        "pass a checkpoint directory or hub id as `model`")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if isinstance(dtype, str):
-            if dtype != "auto" and dtype not in DTYPES:
-                raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES.get(dtype)
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        cuda_graphs: replay cached steps' forwards as CUDA graphs (CUDA, kv_cache dual/prefix).
+        The engine is built as the server builds its own (`dfastllm.engine.build`)."""
+        loaded = model if isinstance(model, LoadedModel) else None
+        if isinstance(dtype, torch.dtype):
+            names = {v: k for k, v in DTYPES.items()}
+            if dtype not in names:
+                raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype}")
+            dtype = names[dtype]
+        config = ServerConfig(model=None if loaded is not None or model is None else os.fspath(model),
+                              device=device, dtype=dtype or "auto", kv_cache=kv_cache,
+                              max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                              max_model_len=max_model_len, seed=seed, cuda_graphs=cuda_graphs)
+        self.engine = build_engine_core(config, loaded)
+        self.loaded = self.engine.loaded
         self.tokenizer = self.loaded.tokenizer
-        self.engine = EngineCore(self.loaded, kv_cache=kv_cache, max_batch_size=max_batch_size,
-                                 max_num_tokens=max_num_tokens, max_model_len=max_model_len, seed=seed,
-                                 cuda_graphs=cuda_graphs)
         self._ids = itertools.count()
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],

@@ -14,14 +14,28 @@ Every worker reads the configuration and the engine's shared-memory names
 from the environment the supervisor prepared (DFASTLLM_CONFIG_JSON,
 DFASTLLM_IPC_NAME) and PROMETHEUS_MULTIPROC_DIR, so that one /metrics shows
 every process; `granian_argv` gives the command, the caller the environment.
+
+Before any worker starts, Granian's process fetches the served model's
+config and tokenizer files once (a hub id: with retries, one line each); if
+they cannot be had, every worker would fail alike, so it stops the server
+at once with the reason (EXIT_CANNOT_START). Like the engine, it checks that
+it imported the supervisor's `server` package, and when the supervisor died (the parent-death signal
+stopped it) removes the run's shared-memory segments as it exits (see
+`dfastllm.lifetime`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 
 from dfastllm.config import ServerConfig
+from dfastllm.ipc import ENV_NAME, remove_run_segments
+from dfastllm.lifetime import EXIT_CANNOT_START, check_package_root, report_cannot_start, supervisor_gone
+
+logger = logging.getLogger("dfastllm.http")
 
 APP_TARGET = "server.asgi:app"
 # On shutdown, how long a worker may take to end its streams before it is killed.
@@ -68,5 +82,34 @@ def serve(config: ServerConfig) -> None:
            log_dictconfig=logging_config(config), log_access=True, log_access_format=ACCESS_LOG_FORMAT).serve()
 
 
+def fetch_model_files(config: ServerConfig) -> None:
+    """The files every worker reads (a hub id's are downloaded to the hub
+    cache); SystemExit(EXIT_CANNOT_START) with the reason if they cannot be had."""
+    from dfastllm.checkpoints import CheckpointDownloadError
+    from server.state import checkpoint_dir
+
+    try:
+        checkpoint_dir(config.model)
+    except (CheckpointDownloadError, FileNotFoundError) as error:
+        message = f"cannot serve {config.model}: {error}"
+        logger.error("%s", message)
+        report_cannot_start(message)
+        raise SystemExit(EXIT_CANNOT_START) from None
+
+
+def main() -> None:
+    check_package_root("server", __file__)
+    config = ServerConfig.from_process_env()
+    from dfastllm.log import configure_logging
+
+    configure_logging("http", level=config.log_level, fmt=config.log_format)
+    try:
+        fetch_model_files(config)
+        serve(config)
+    finally:
+        if supervisor_gone():
+            remove_run_segments(os.environ[ENV_NAME])
+
+
 if __name__ == "__main__":
-    serve(ServerConfig.from_process_env())
+    main()

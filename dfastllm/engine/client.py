@@ -15,8 +15,8 @@ interface over an EngineCore in a background thread, for tests and embedding).
 with an empty TOKENS), so a refusal surfaces as EngineRejected before the
 caller has sent anything to its own client. Two failure kinds stay apart:
 a request that failed ends with ErrorEvent(engine_failed=False); when the
-engine dies (heartbeat older than ENGINE_DEAD_AFTER_S, state FAILED, or a
-new engine generation) every open stream ends with ErrorEvent(engine_failed=
+engine dies (a stale heartbeat, `EngineSnapshot.heartbeat_stale`, the one
+definition readiness uses too; state FAILED; or a new engine generation) every open stream ends with ErrorEvent(engine_failed=
 True) within a second. Leaving a stream early (`aclose`, or breaking out of
 `async for` inside `contextlib.aclosing`) cancels the request.
 
@@ -46,7 +46,6 @@ from dfastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("dfastllm.engine.client")
 
-ENGINE_DEAD_AFTER_S = 0.75  # heartbeat age at which the engine counts as dead (it beats every 0.1 s)
 WATCH_INTERVAL_S = 0.1  # how often open requests check the engine is alive
 SUBMIT_RING_TIMEOUT_S = 1.0  # a request ring full this long: EngineUnavailable
 CANCEL_TIMEOUT_S = 5.0  # wait for CANCEL_ACK
@@ -264,7 +263,7 @@ class _ClientBase:
         accepted = (EngineState.READY, EngineState.DRAINING) if allow_draining else (EngineState.READY,)
         if snap.state not in accepted:
             raise EngineUnavailable(f"the engine is {snap.state.name.lower()}")
-        if snap.heartbeat_age > ENGINE_DEAD_AFTER_S:
+        if snap.heartbeat_stale:
             raise EngineUnavailable(f"the engine has not sent a heartbeat for {snap.heartbeat_age:.1f} s")
         return snap.generation
 
@@ -340,7 +339,7 @@ class EngineClient(_ClientBase):
             snap = self.control.snapshot()
             if snap.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.LOADING, EngineState.WARMING):
                 self._fail_open(f"the engine is {snap.state.name.lower()}")
-            elif snap.heartbeat_age > ENGINE_DEAD_AFTER_S:
+            elif snap.heartbeat_stale:
                 self._fail_open(f"the engine stopped responding (no heartbeat for {snap.heartbeat_age:.2f} s)")
             else:
                 for generation in {s.generation for s in self._streams.values()} - {snap.generation}:
@@ -352,22 +351,21 @@ class InProcessEngineClient(_ClientBase):
     process: the same admission, codec and answers as the engine process,
     without rings. For tests and for embedding the engine in an application.
 
-    `engine` is an EngineCore, or a LoadedModel to build one from `config`.
-    Its metrics live in `metrics_registry` (this process only)."""
+    `engine` is an EngineCore, or a LoadedModel to build one over as
+    `config` says (`dfastllm.engine.build`). Its metrics live in
+    `metrics_registry` (this process only)."""
 
     def __init__(self, engine, config: ServerConfig | None = None) -> None:
         super().__init__()
+        from dfastllm.engine.build import build_engine_core
         from dfastllm.engine.metrics import EngineMetrics
+        from dfastllm.models import LoadedModel
 
         config = config or ServerConfig()
         metrics = EngineMetrics()
         self.metrics_registry = metrics.registry
-        if not hasattr(engine, "step"):  # a LoadedModel
-            from dfastllm.engine.core import EngineCore
-
-            engine = EngineCore(engine, kv_cache=config.kv_cache, max_batch_size=config.max_batch_size,
-                                max_num_tokens=config.max_num_tokens, max_model_len=config.max_model_len,
-                                cuda_graphs=config.cuda_graphs)
+        if isinstance(engine, LoadedModel):
+            engine = build_engine_core(config, engine)
         self.core = engine
         self.router = RequestRouter(engine, config, metrics=metrics)
         self._inbox: collections.deque[bytes] = collections.deque()

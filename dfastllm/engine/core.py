@@ -98,11 +98,6 @@ class EngineCore:
         self._queue_times: list[float] = []
         self._seeds = random.Random(seed)
         self._eos_ids = frozenset(i for i in (loaded.eos_token_id, loaded.eot_token_id) if i is not None)
-        # Fault injection for tests of the failure paths (circuit breaker):
-        # the next this-many steps fail inside the step, as an out-of-memory
-        # would. Set only by the engine process from
-        # DFASTLLM_FAULT_INJECT_STEP_ERRORS; always 0 in production.
-        self.inject_step_errors = 0
 
     # ---- the public surface --------------------------------------------------
     @property
@@ -165,9 +160,6 @@ class EngineCore:
                 r.first_step_at = now
                 self._queue_times.append(now - r.arrival)
         try:
-            if self.inject_step_errors > 0:
-                self.inject_step_errors -= 1
-                raise RuntimeError("injected fault")
             with torch.inference_mode():
                 batch = build_step(running, self.buffers.canvas, cache_mode=self.kv_cache,
                                    logits_shift=self.logits_shift)
@@ -223,6 +215,7 @@ class EngineCore:
         stats = dataclasses.replace(self.stats)  # warm-up steps are not the service's
         for n in batch_sizes:
             n = min(n, self.scheduler.max_batch_size)
+            logger.info("warm-up: %d request(s) of %d + %d tokens", n, prompt_len, max_tokens)
             for i in range(n):
                 params = SamplingParams(max_tokens=max_tokens, steps=min(4, max_tokens), ignore_eos=True,
                                         threshold=0.9 if i % 2 else None, temperature=0.0 if i % 2 else 0.7)

@@ -9,11 +9,17 @@ initialisation; `--no-warmup` skips it), and then serves (READY) until
 SIGTERM, which drains (DRAINING): new SUBMITs are refused, running requests
 finish for up to drain_timeout_s, then exit 0.
 
-A failure that a restart cannot cure (a bad checkpoint or configuration)
-ends the process with EXIT_PERMANENT_FAILURE and its message in the file
-$DFASTLLM_ENGINE_FAILURE_FILE names, so the supervisor gives up at once
-with that message instead of restarting; anything else exits 1 and the
-supervisor restarts the engine.
+A failure that a restart cannot cure (a bad checkpoint or configuration,
+a compiled module that cannot load) ends the process with
+EXIT_CANNOT_START and its message where the supervisor reads it
+(`dfastllm.lifetime.cannot_start`), so the supervisor gives up at once with
+that message instead of restarting; any other failure to load is logged in
+one line (its traceback at debug level) and exits 1, and the supervisor
+starts the engine again, up to `load_retries` times.
+
+If the supervisor dies (even by SIGKILL), the parent-death signal stops the
+engine like SIGTERM, and it removes the run's shared-memory segments as it
+exits (the supervisor could not).
 
 The loop (EngineCore does no IO; this wrapper owns the rings):
   1. follow the worker slots: a worker that left or died loses its requests;
@@ -29,9 +35,9 @@ The loop (EngineCore does no IO; this wrapper owns the rings):
   6. idle: sleep on the engine doorbell (a futex every request-ring put
      rings), at most IDLE_WAIT_S so the periodic checks still run.
 
-The heartbeat comes from a small thread, not from the loop: one denoising
-step of a large model may take longer than the 0.75 s after which workers
-call the engine dead, and the heartbeat must say "this process is alive"
+The heartbeat comes from a small thread, every HEARTBEAT_INTERVAL_S (0.1 s),
+not from the loop: one denoising step of a large model may take longer than
+the ENGINE_DEAD_AFTER_S (0.75 s) after which workers call the engine dead, and the heartbeat must say "this process is alive"
 whatever the step length. A dead process (kill -9, crash) stops it at once.
 A live process whose loop hangs (a stuck kernel, a deadlock, SIGSTOP) keeps
 beating, so the loop also marks each round in the control block, and the
@@ -47,15 +53,17 @@ import sys
 import threading
 import time
 
+from dfastllm.checkpoints import one_line
 from dfastllm.config import ServerConfig
 from dfastllm.engine.router import Reply, RequestRouter
-from dfastllm.ipc import EngineState, IpcLayout
+from dfastllm.ipc import EngineState, IpcLayout, remove_run_segments
 from dfastllm.ipc.channels import Channel, WorkerChannels
+from dfastllm.ipc.control import HEARTBEAT_INTERVAL_S
+from dfastllm.lifetime import EXIT_CANNOT_START, report_cannot_start, supervisor_gone
 from dfastllm.ipc.messages import Cancel, DecodeError, Error, RejectReason, Submit, decode, encode
 
 logger = logging.getLogger("dfastllm.engine")
 
-HEARTBEAT_INTERVAL_S = 0.1  # workers call the engine dead after 0.75 s without one
 IDLE_WAIT_S = 0.25  # longest doorbell sleep: the periodic checks below still run
 BACKLOG_WAIT_S = 0.005  # idle but a worker's ring is full: retry soon (no wake-up for space)
 OWNER_CHECK_INTERVAL_S = 0.25  # probe worker pids (a syscall each)
@@ -63,11 +71,10 @@ DEVICE_MEMORY_INTERVAL_S = 2.0
 WORKER_STALL_LIMIT_S = 10.0  # a response ring full this long without progress: the worker is gone
 MAX_BACKLOG_MESSAGES = 65536  # or this many messages waiting for one worker
 
-EXIT_PERMANENT_FAILURE = os.EX_CONFIG  # 78: restarting cannot help
-FAILURE_FILE_ENV = "DFASTLLM_ENGINE_FAILURE_FILE"  # where the supervisor reads why
-# Test hook: the first N steps after READY fail inside EngineCore.step
-# ("injected fault"), to exercise the circuit breaker against a real engine.
-# Never set in production.
+# Test hook: the first N model forwards after READY fail ("injected fault"),
+# so that their steps fail as an out-of-memory would, to exercise the
+# circuit breaker against a real engine (`inject_step_errors`). Never set
+# in production.
 FAULT_INJECT_ENV = "DFASTLLM_FAULT_INJECT_STEP_ERRORS"
 
 
@@ -289,55 +296,58 @@ class _Heartbeat(threading.Thread):
             self.control.beat()
 
 
-def load_core(config: ServerConfig):
-    """The EngineCore the configuration asks for (model None: the embedded tiny model)."""
+def prepare_core(config: ServerConfig, control):
+    """Load the model (state LOADING) and warm it up (WARMING) -> EngineCore."""
     import torch
 
-    from dfastllm.llm import LLM
+    from dfastllm.engine.build import build_engine_core
 
     torch.set_num_threads(config.resolved_engine_threads())
     logger.info("engine threads", extra={"torch_threads": torch.get_num_threads()})
-
-    llm = LLM(config.model, device=config.device, dtype=config.dtype, kv_cache=config.kv_cache,
-              max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens,
-              max_model_len=config.max_model_len, cuda_graphs=config.cuda_graphs)
-    return llm.engine
-
-
-def prepare_core(config: ServerConfig, control):
-    """Load the model (state LOADING) and warm it up (WARMING) -> EngineCore."""
-    core = load_core(config)
+    # A bar only where someone watches it: text logs on a terminal.
+    core = build_engine_core(config, progress_bar=config.log_format == "text" and sys.stderr.isatty())
     if config.warmup:
         control.set_state(EngineState.WARMING)
+        logger.info("warming up", extra={"kv_cache": config.kv_cache, "block_length": config.default_block_length})
         started = time.perf_counter()
         core.warmup(block_length=config.default_block_length)
         logger.info("warm-up done", extra={"seconds": round(time.perf_counter() - started, 3),
                                            "kv_cache": config.kv_cache, "block_length": config.default_block_length})
-    core.inject_step_errors = int(os.environ.get(FAULT_INJECT_ENV) or 0)
-    if core.inject_step_errors:
-        logger.warning("fault injection: the next %d denoising steps will fail (%s)", core.inject_step_errors,
-                       FAULT_INJECT_ENV)
+    failures = int(os.environ.get(FAULT_INJECT_ENV) or 0)
+    if failures:
+        inject_step_errors(core, failures)
+        logger.warning("fault injection: the next %d denoising steps will fail (%s)", failures, FAULT_INJECT_ENV)
     return core
+
+
+def inject_step_errors(core, failures: int) -> None:
+    """Make the next `failures` forwards of `core`'s model raise, from the
+    outside (a forward pre-hook): the step they belong to fails its requests
+    as an out-of-memory would. CPU tests only: a replayed CUDA graph runs no hooks."""
+    remaining = failures
+
+    def fail(module, args) -> None:
+        nonlocal remaining
+        if remaining > 0:
+            remaining -= 1
+            raise RuntimeError("injected fault")
+
+    core.model.register_forward_pre_hook(fail)
 
 
 def is_permanent_failure(error: BaseException) -> bool:
     """Whether a failure to load (or warm up) can only repeat on a restart:
     a malformed or incomplete checkpoint, an impossible setting, a hub id
-    that does not exist. Transient I/O errors were retried by the loader
-    already; those, out-of-memory and the rest get a restart."""
+    that does not exist, a compiled module that cannot load. Transient I/O
+    errors were retried by the loader already; those, out-of-memory and the
+    rest get a restart."""
+    from dfastllm import ExtensionError
     from dfastllm.models.loader import CheckpointDownloadError, is_transient
 
     if isinstance(error, CheckpointDownloadError):
         return error.__cause__ is not None and not is_transient(error.__cause__)
     return isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
-                              NotADirectoryError, IsADirectoryError))
-
-
-def report_permanent_failure(message: str) -> None:
-    path = os.environ.get(FAILURE_FILE_ENV)
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(message)
+                              NotADirectoryError, IsADirectoryError, ExtensionError))
 
 
 def main() -> int:
@@ -365,19 +375,21 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)
+    model = config.model or "the embedded tiny model"
     try:
-        logger.info("loading model", extra={"model": config.model or "(embedded tiny model)",
-                                            "generation": generation})
+        logger.info("loading model", extra={"model": model, "generation": generation})
         try:
             core = prepare_core(config, control)
         except Exception as error:
-            if not is_permanent_failure(error):
-                raise
-            message = f"cannot serve {config.model or 'the embedded tiny model'}: {type(error).__name__}: {error}"
-            logger.error("%s (not retrying: a restart cannot fix this)", message)
-            report_permanent_failure(message)
+            message = f"cannot serve {model}: {one_line(error)}"
             control.set_state(EngineState.FAILED)
-            return EXIT_PERMANENT_FAILURE
+            if is_permanent_failure(error):
+                logger.error("%s (not retrying: a restart cannot fix this)", message)
+                report_cannot_start(message)
+                return EXIT_CANNOT_START
+            # One line; the traceback only for whoever asked for debug logs.
+            logger.error("%s", message, exc_info=logger.isEnabledFor(logging.DEBUG))
+            return 1
         engine = EngineProcess(config, layout, core, EngineMetrics())
         code = engine.serve()
     except Exception:
@@ -387,6 +399,10 @@ def main() -> int:
     finally:
         heartbeat.stopped.set()
         tracing.shutdown_tracing()
+        if supervisor_gone():
+            removed = remove_run_segments(layout.base_name)
+            logger.info("the supervisor is gone; removed the run's shared-memory segments",
+                        extra={"segments": removed})
     control.set_state(EngineState.STOPPED)
     logger.info("engine stopped", extra={"exit_code": code})
     return code

@@ -9,7 +9,8 @@ in the environment (`DFASTLLM_IPC_NAME`):
 
 The supervisor creates and unlinks them (`IpcLayout.create`, `.unlink`,
 `remove_stale_segments` at start and stop); the engine and the workers
-attach (`IpcLayout.attach`). A worker claims a slot (`claim_worker_slot`);
+attach (`IpcLayout.attach`). A supervisor killed outright cannot unlink:
+its direct children do as they exit (`remove_run_segments`). A worker claims a slot (`claim_worker_slot`);
 the engine serves every claimed slot (`dfastllm.ipc.channels`).
 """
 
@@ -25,7 +26,7 @@ from dfastllm.ipc.control import ControlBlock, EngineState, SlotInfo, SlotState,
 from dfastllm.ipc.ring import Ring
 
 __all__ = ["ENV_NAME", "ControlBlock", "EngineState", "IpcLayout", "Ring", "WorkerEndpoint", "new_base_name",
-           "remove_stale_segments"]
+           "remove_run_segments", "remove_stale_segments"]
 
 ENV_NAME = "DFASTLLM_IPC_NAME"
 DEFAULT_PREFIX = "dfastllm"
@@ -54,6 +55,21 @@ def remove_stale_segments(prefix: str = DEFAULT_PREFIX) -> list[str]:
                 removed.append(name)
             except FileNotFoundError:
                 pass  # another cleaner got there first
+    return removed
+
+
+def remove_run_segments(base_name: str) -> list[str]:
+    """Unlink every segment of the run named `base_name` (the layout's and
+    any other `<base>-...`, such as the rate-limit table); -> the names removed."""
+    _check_base_name(base_name)
+    removed = []
+    for name in sorted(os.listdir(_SHM_DIR)):
+        if name.startswith(base_name + "-"):
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass  # another child got there first
     return removed
 
 

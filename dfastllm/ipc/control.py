@@ -8,7 +8,7 @@ different cache lines):
 
     0    magic, layout version, n_slots, config capacity, creator pid
     64   engine state, engine generation, engine pid
-    128  heartbeat (CLOCK_MONOTONIC ns; the engine writes it every <= 0.5 s),
+    128  heartbeat (CLOCK_MONOTONIC ns; the engine writes it every HEARTBEAT_INTERVAL_S),
          loop progress (CLOCK_MONOTONIC ns; the engine loop writes it each round)
     192  queue depth, running, device memory used, device memory total,
          circuit state, circuit probe time (CLOCK_MONOTONIC ns)
@@ -47,6 +47,15 @@ _DOORBELL = 256
 _SLOTS = 320
 _SLOT_BYTES = 64
 DEFAULT_CONFIG_CAPACITY = 64 * 1024
+
+# When the engine counts as alive, for everyone who asks: admission (the
+# workers' submit), the watch that ends open requests of a dead engine, and
+# readiness. The engine process beats from a thread of its own every
+# HEARTBEAT_INTERVAL_S whatever its step length; a heartbeat older than
+# ENGINE_DEAD_AFTER_S (several beats missed) means the process is dead or
+# stopped (kill -9, a crash, SIGSTOP).
+HEARTBEAT_INTERVAL_S = 0.1
+ENGINE_DEAD_AFTER_S = 0.75
 
 
 class EngineState(enum.IntEnum):
@@ -104,6 +113,11 @@ class EngineSnapshot:
     device_memory_total: int
     circuit_state: CircuitState = CircuitState.CLOSED
     circuit_retry_after_s: float = 0.0  # until a half-open probe is allowed; 0 unless OPEN
+
+    @property
+    def heartbeat_stale(self) -> bool:
+        """The engine process is dead or stopped (ENGINE_DEAD_AFTER_S without a beat)."""
+        return self.heartbeat_age > ENGINE_DEAD_AFTER_S
 
 
 class NoFreeSlot(RuntimeError):

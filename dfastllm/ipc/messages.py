@@ -58,7 +58,6 @@ class FinishReason(enum.IntEnum):
     STOP = 0  # EOS, end of turn or a stop token
     LENGTH = 1  # max_tokens reached
     CANCELLED = 2  # CANCEL, client gone, deadline
-    ERROR = 3
 
     @property
     def api_name(self) -> str:
@@ -156,7 +155,6 @@ Message = Union[Submit, Cancel, Tokens, Finished, Error, Rejected, CancelAck]
 _HEADER = struct.Struct("=BB")  # magic, kind
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
 _SLOT_TIME = struct.Struct("=Iq")  # worker_slot, submit_time_ns
 # max_tokens, temperature, top_p, steps, block_length, remasking, threshold,
 # seed, ignore_eos, presence bits of the optional fields (see _OPTIONAL).

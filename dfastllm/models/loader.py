@@ -10,6 +10,11 @@ retried with exponential backoff and full jitter; permanent errors (a
 malformed config.json, an unknown model_type, a missing or misshapen tensor,
 a missing file, an unparsable safetensors file) raise at once with a message
 naming the file and what is wrong.
+
+Loading says what it does at info level: the files, tensors and bytes to
+read, each file as it is read (or a progress bar over the bytes, with
+`progress_bar`, for a terminal), and the total with its time, so a model
+that takes a minute to load is never a minute of silence.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import dataclasses
 import json
 import logging
 import os
-import random
+import sys
 import time
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dfastllm.checkpoints import CheckpointDownloadError, is_transient, resolve_checkpoint  # noqa: F401 (API)
+from dfastllm.checkpoints import (CheckpointDownloadError, is_transient,  # noqa: F401 (API)
+                                  resolve_checkpoint, retry_with_backoff)
 from dfastllm.models import dream, llada
 from dfastllm.tokenizer import Tokenizer
 
@@ -54,27 +60,20 @@ class LoadedModel:
 
 def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
                download=None, attempts: int = READ_ATTEMPTS, base_delay_s: float = 1.0, max_delay_s: float = 30.0,
-               sleep=time.sleep) -> LoadedModel:
+               sleep=time.sleep, progress_bar: bool = False) -> LoadedModel:
     """dtype defaults to bf16 on CUDA (the checkpoints' native dtype) and fp32
     elsewhere (CPU bf16 matmuls are slow and lose precision for no gain).
     `download(repo_id) -> directory` replaces the hub client (tests). Reading
     the files gets up to `attempts` tries while its errors look transient
-    (`is_transient`); the download retries on its own terms."""
+    (`is_transient`); the download retries on its own terms. `progress_bar`:
+    draw a bar on stderr while reading the weights (for a terminal)."""
     directory = resolve_checkpoint(path_or_hub_id, download=download, sleep=sleep)
-    for attempt in range(1, attempts + 1):
-        try:
-            return _load_directory(directory, device, dtype)
-        except Exception as e:
-            if attempt == attempts or not is_transient(e):
-                raise
-            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
-            logger.warning("reading the checkpoint %s failed (attempt %d of %d): %s: %s; retrying in %.1f s",
-                           directory, attempt, attempts, type(e).__name__, e, delay)
-            sleep(delay)
-    raise AssertionError("unreachable")
+    return retry_with_backoff(lambda: _load_directory(directory, device, dtype, progress_bar),
+                              what=f"reading the checkpoint {directory}", attempts=attempts,
+                              base_delay_s=base_delay_s, max_delay_s=max_delay_s, sleep=sleep)
 
 
-def _load_directory(directory: str, device, dtype: torch.dtype | None) -> LoadedModel:
+def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_bar: bool) -> LoadedModel:
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,16 +101,49 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None) -> Loaded
     files = _weight_files(directory)
     _check_tensors(files, {ckpt: shapes[ours] for ckpt, ours in names.items()}, directory)
 
-    state = {}
-    for file, tensor_shapes in files.items():
-        # Straight onto the device, one tensor at a time (no host copy of the model).
-        with _open_safetensors(file, device=str(device)) as f:
-            for name in tensor_shapes:
-                state[names[name]] = f.get_tensor(name).to(device=device, dtype=dtype)
+    state = _read_weights(files, names, device, dtype, directory, progress_bar)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
                        path=directory, **ids)
+
+
+def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], device, dtype: torch.dtype,
+                  directory: str, progress_bar: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, under our names, straight onto the device one
+    tensor at a time (no host copy of the model), its progress logged."""
+    sizes = {file: os.path.getsize(file) for file in files}
+    total_gb = sum(sizes.values()) / 1e9
+    logger.info("loading %s: %d file(s), %d tensors, %.2f GB to %s", directory, len(files),
+                sum(len(t) for t in files.values()), total_gb, device,
+                extra={"files": len(files), "gigabytes": round(total_gb, 3)})
+    bar = _progress_bar(sum(sizes.values())) if progress_bar else None
+    started = time.perf_counter()
+    state, read_gb = {}, 0.0
+    for i, (file, tensor_shapes) in enumerate(files.items(), 1):
+        with _open_safetensors(file, device=str(device)) as f:
+            for name in tensor_shapes:
+                tensor = f.get_tensor(name)
+                state[names[name]] = tensor.to(device=device, dtype=dtype)
+                if bar is not None:
+                    bar.update(tensor.numel() * tensor.element_size())
+        read_gb += sizes[file] / 1e9
+        if bar is None:
+            logger.info("read %s (%d of %d): %d tensors, %.2f of %.2f GB in %.1f s", os.path.basename(file), i,
+                        len(files), len(tensor_shapes), read_gb, total_gb, time.perf_counter() - started)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+    logger.info("loaded %d tensors, %.2f GB in %.1f s (%.2f GB/s)", len(state), total_gb, seconds,
+                total_gb / max(seconds, 1e-9), extra={"tensors": len(state), "seconds": round(seconds, 3)})
+    return state
+
+
+def _progress_bar(total_bytes: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def _special_ids(hf_config: dict, tokenizer: Tokenizer, config_path: str, vocab_size: int) -> dict:

@@ -3,21 +3,16 @@ shares: the dtype and confidence codes of csrc/kernels/params.h and the
 device arguments (device, index, stream) of a tensor.
 
 There is deliberately no fallback to the references: a missing or stale
-extension is an ImportError that says how to rebuild.
+extension is an ImportError that says how to rebuild (`load_extension`).
 """
 
 from __future__ import annotations
 
 import torch
 
-try:
-    from dfastllm import _C
-except ImportError as exc:  # missing, or built for another Python/ABI
-    raise ImportError(
-        f"dfastllm's kernel extension dfastllm._C cannot be loaded ({exc}). Build it from the "
-        "repository root with `pip install -e . --no-build-isolation` (development) or "
-        "`pip install .`; set DFASTLLM_CPU_ONLY=1 to skip the CUDA kernels."
-    ) from exc
+from dfastllm import load_extension
+
+_C = load_extension("_C")
 
 BUILT_WITH_CUDA: bool = bool(_C.with_cuda)
 

@@ -1,15 +1,14 @@
 """Probes: /health/live (the process runs) and /health/ready, /health (the
 engine is loaded, warmed up, heartbeating and not draining, and its circuit
-breaker is not open)."""
+breaker is not open). "Heartbeating" is the one definition of an alive
+engine that admission uses too (`EngineSnapshot.heartbeat_stale`), so
+readiness drops no later than submit starts refusing."""
 
 from __future__ import annotations
 
 from dfastllm.ipc.rate_limit import retry_after_header
 from server.errors import Unavailable
 from server.middleware.admission import circuit_open
-
-# The engine beats at least every 0.5 s; this much silence means it is stuck or gone.
-HEARTBEAT_STALE_S = 5.0
 
 
 class Live:
@@ -25,7 +24,7 @@ class Ready:
         engine = self.state.engine.state()
         name = engine.state.name.lower()
         fields = {"state": name, "heartbeat_age_s": round(engine.heartbeat_age, 3)}
-        if name != "ready" or engine.heartbeat_age > HEARTBEAT_STALE_S:
+        if name != "ready" or engine.heartbeat_stale:
             status = name if name != "ready" else "unresponsive"
             raise Unavailable(f"The engine is not ready (state: {status}).", extra={**fields, "state": status})
         if circuit_open(engine):

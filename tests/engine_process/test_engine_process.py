@@ -297,8 +297,8 @@ def test_supervisor_gives_up_at_once_on_a_checkpoint_it_cannot_load(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_supervisor_gives_up_after_the_restart_limit_of_crashes_before_ready(tiny_llada_dir):
-    supervisor = Supervisor(engine_config(tiny_llada_dir, engine_restart_limit=2), http=False)
+def test_supervisor_gives_up_after_load_retries_crashes_before_ready(tiny_llada_dir):
+    supervisor = Supervisor(engine_config(tiny_llada_dir, load_retries=1), http=False)
     supervisor.start()
     outcome = []
     watcher = threading.Thread(target=lambda: outcome.append(supervisor.supervise()))

@@ -1,14 +1,19 @@
 """`dfastllm serve` as a user runs it: supervisor, engine process and Granian
-with two HTTP workers, on a tiny checkpoint."""
+with two HTTP workers, on a tiny checkpoint; from a source checkout; and
+killed outright."""
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
 
+import dfastllm
 from dfastllm.ipc.control import pid_alive
-from serve_process import children, cmdline, serving, wait_for
+from serve_process import ServeProcess, children, cmdline, free_port, serving, wait_for
 
 
 @pytest.mark.timeout(150)
@@ -49,3 +54,64 @@ def test_serve_restarts_a_killed_http_server_and_leaves_no_worker_behind(tiny_ll
         again = httpx.post(serve.base_url + "/v1/completions", json=body, timeout=30)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
         assert len(serve.worker_pids()) == 2
+
+
+@pytest.mark.timeout(150)
+def test_children_remove_the_segments_when_the_supervisor_is_killed(tiny_llada_dir, tmp_path):
+    serve = ServeProcess(tiny_llada_dir, str(tmp_path / "serve.log"), "--workers", "2", "--no-warmup")
+    try:
+        serve.wait_ready()
+        children_pids = [serve.engine_pid(), *serve.worker_pids(),
+                         *(pid for pid in children(serve.process.pid) if b"server.launch" in cmdline(pid))]
+        assert len(children_pids) == 4 and serve.segments()
+        serve.process.kill()  # SIGKILL: the supervisor cleans nothing up
+        serve.process.wait()
+        # The parent-death signal stops them; the engine and Granian remove the segments as they exit.
+        assert wait_for(lambda: not any(pid_alive(pid) for pid in children_pids), 60), serve.log_tail()
+        assert serve.segments() == [], serve.log_tail()
+    finally:
+        serve.stop()
+
+
+@pytest.mark.timeout(150)
+def test_serve_from_a_source_tree_without_compiled_modules_runs_the_installed_package(tmp_path):
+    """The README's `pip install . && dfastllm serve` typed in a checkout: the
+    current folder holds dfastllm/ and server/ without their compiled modules.
+    Every child must still import the supervisor's packages."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dfastllm.__file__)))
+    checkout = tmp_path / "checkout"
+    for package in ("dfastllm", "server"):
+        shutil.copytree(os.path.join(root, package), checkout / package,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "assets"))
+    # The console script's way in: its own folder, not the current one, first on sys.path.
+    launcher = tmp_path / "bin" / "dfastllm"
+    launcher.parent.mkdir()
+    launcher.write_text("import sys\nfrom dfastllm.cli import main\nsys.exit(main())\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFASTLLM_")}
+    with open(tmp_path / "serve.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, str(launcher), "serve", "--port", str(port), "--no-warmup",
+                                    "--log-format", "text"], cwd=checkout, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(base_url + "/health/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(lambda: ready() or process.poll() is not None, 120) and ready(), \
+            (tmp_path / "serve.log").read_text()
+        engine = next(pid for pid in children(process.pid) if b"dfastllm.engine.process" in cmdline(pid))
+        assert os.readlink(f"/proc/{engine}/cwd") == root
+        body = {"model": "tiny-llada", "messages": [{"role": "user", "content": "Reverse the word lemon."}],
+                "temperature": 0}
+        answer = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, (tmp_path / "serve.log").read_text()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfastllm-{process.pid}-")]

@@ -6,6 +6,9 @@ files) are retried with backoff and the load succeeds."""
 from __future__ import annotations
 
 import errno
+import logging
+import os
+import socket
 import time
 
 import pytest
@@ -14,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dfastllm.models import loader
 from dfastllm.models.loader import load_model
+from dfastllm.testing import write_tiny_llada
 from engine_harness import EngineServer
 from serve_process import tiny_checkpoint
 
@@ -29,7 +33,7 @@ def test_serve_fails_fast_with_the_message_on_a_checkpoint_missing_a_tensor(tmp_
     save_file(weights, f"{checkpoint}/model.safetensors")
 
     started = time.monotonic()
-    server = EngineServer(tmp_path, "--engine-restart-limit", "10", model=checkpoint)
+    server = EngineServer(tmp_path, "--load-retries", "10", model=checkpoint)
     try:
         code = server.process.wait(90)
     finally:
@@ -105,3 +109,57 @@ def test_a_corrupt_weights_file_fails_at_once_as_a_permanent_error(tmp_path):
         f.write(b"\xff" * 8)  # the header length: now absurd
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         load_model(checkpoint, sleep=lambda s: pytest.fail("slept on a permanent error"))
+
+
+@pytest.mark.timeout(150)
+def test_serve_without_a_network_logs_one_line_per_attempt_then_exits_non_zero(tmp_path):
+    """A hub id and no hub: the download is tried a few times, one line each
+    and no traceback, then `dfastllm serve` exits non-zero (an orchestrator
+    restarts the pod) instead of restarting its children for ever."""
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        hub = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    server = EngineServer(tmp_path, "--load-retries", "1", model="some-org/some-model",
+                          env={"HF_ENDPOINT": hub, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"})
+    try:
+        code = server.process.wait(120)
+    finally:
+        server.stop()
+    assert code not in (0, None)
+    with open(server.log_path, encoding="utf-8") as f:
+        log = f.read()
+    assert "Traceback" not in log
+    records = server.log_records()
+    assert len(records) == len(log.splitlines()), "every line of the log is one record"
+    attempts = [r["message"] for r in records if "from the hub failed (attempt" in r.get("message", "")]
+    assert attempts and all("some-org/some-model" in m and "retrying in" in m for m in attempts)
+    giving_up = [r for r in records if r.get("role") == "supervisor" and r.get("level") == "error"]
+    assert giving_up and "some-org/some-model" in giving_up[0]["message"], server.log_tail()
+    assert server.segments() == []
+
+
+def test_loading_a_sharded_checkpoint_logs_its_progress(tmp_path, caplog):
+    checkpoint = write_tiny_llada(tmp_path / "sharded", seed=3, shard=True)
+    with caplog.at_level(logging.INFO, logger="dfastllm.models.loader"):
+        loaded = load_model(checkpoint)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dfastllm.models.loader"]
+    tensors = len(loaded.model.state_dict())
+    assert lines[0].startswith(f"loading {checkpoint}: 3 file(s), {tensors} tensors, ")
+    for i, shard in enumerate(shard_files(checkpoint), 1):
+        assert lines[i].startswith(f"read {os.path.basename(shard)} ({i} of 3): {len(load_file(shard))} tensors, ")
+    assert lines[4].startswith(f"loaded {tensors} tensors, ") and " GB in " in lines[4]
+
+
+def test_a_progress_bar_replaces_the_per_file_lines_on_request(tmp_path, caplog, capfd):
+    checkpoint = write_tiny_llada(tmp_path / "sharded", seed=3, shard=True)
+    with caplog.at_level(logging.INFO, logger="dfastllm.models.loader"):
+        load_model(checkpoint, progress_bar=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dfastllm.models.loader"]
+    assert len(lines) == 2 and lines[0].startswith("loading ") and lines[1].startswith("loaded ")
+    bar = capfd.readouterr().err
+    assert "loading weights: 100%" in bar, bar
+    assert bar.count("|") >= 2  # tqdm's bar
+
+
+def shard_files(checkpoint: str) -> list[str]:
+    return sorted(os.path.join(checkpoint, f) for f in os.listdir(checkpoint) if f.endswith(".safetensors"))

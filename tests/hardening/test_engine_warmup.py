@@ -47,6 +47,9 @@ def test_the_first_request_after_readiness_costs_no_more_than_the_tenth(tmp_path
         assert warmups[0]["kv_cache"] == "dual" and warmups[0]["block_length"] == BLOCK_LENGTH
         messages = [r.get("message") for r in server.log_records() if r.get("role") == "engine"]
         assert messages.index("warm-up done") < messages.index("engine ready")
+        # It says what it does, shape by shape, between its start and end lines.
+        progress = messages[messages.index("warming up") + 1:messages.index("warm-up done")]
+        assert progress == [f"warm-up: {n} request(s) of 16 + {BLOCK_LENGTH} tokens" for n in (1, 4)], progress
 
         engine = server.engine_pid()
         fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection each time: both workers serve
