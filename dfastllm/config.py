@@ -166,6 +166,10 @@ class ServerConfig:
             # "not >" rather than "<=": NaN fails both bounds.
             if value is not None and not (value > bound if exclusive else value >= bound):
                 raise ValueError(f"{name} must be {'>' if exclusive else '>='} {bound}, got {value!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if _base_type(f.type) is int and value is not None and value > INT_MAX:
+                raise ValueError(f"{f.name} must be <= {INT_MAX}, got {value!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port!r}")
         for f in dataclasses.fields(self):
@@ -174,6 +178,9 @@ class ServerConfig:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
 
 
+# Every integer setting fits in 64 bits, as the JSON of the configuration
+# (between the processes, on /admin/config) carries it.
+INT_MAX = 2**63 - 1
 # The lower bound of each numeric field: name -> (bound, exclusive). One table
 # for `validate()` and for the schema of PATCH /admin/config (None, where a
 # field allows it, is not bounded).

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
-from dfastllm.config import LOWER_BOUNDS, ServerConfig
+from dfastllm.config import INT_MAX, LOWER_BOUNDS, ServerConfig
 from server.middleware.channel import read_body
 from server.middleware.runtime_config import changed_fields
 from server.schemas import INTEGRAL, parse
@@ -35,7 +35,7 @@ def _settings_model(name: str, base: type[BaseModel], *, optional: bool) -> type
         bound, exclusive = LOWER_BOUNDS.get(f.name, (None, False))
         kind = Annotated[kind, Field(gt=bound) if exclusive else Field(ge=bound)]
         if hints[f.name] is int:
-            kind = Annotated[kind, INTEGRAL]
+            kind = Annotated[kind, Field(le=INT_MAX), INTEGRAL]
         if hints[f.name] is float:
             kind = Annotated[kind, Field(allow_inf_nan=False)]
         # A PATCH may leave any field out, but may not send null.
