@@ -181,23 +181,15 @@ class ServerConfig:
         return config
 
     def validate(self) -> None:
-        positive = ("max_batch_size", "max_num_tokens", "default_max_tokens", "default_block_length", "workers",
-                    "max_body_bytes", "max_prompt_chars", "max_messages", "max_queue", "circuit_failures")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("request_timeout_s", "max_queue_wait_s", "dedup_window_s", "circuit_cooldown_s",
-                     "drain_timeout_s", "default_steps_per_token"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.engine_threads is not None and self.engine_threads < 1:
-            raise ValueError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
-        if self.engine_stall_timeout_s < 0:
-            raise ValueError(f"engine_stall_timeout_s must be >= 0, got {self.engine_stall_timeout_s!r}")
-        if self.load_retries < 0:
-            raise ValueError(f"load_retries must be >= 0, got {self.load_retries!r}")
-        if self.rate_limit_per_minute < 0:
-            raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute!r}")
+        for name, (bound, exclusive) in LOWER_BOUNDS.items():
+            value = getattr(self, name)
+            # "not >" rather than "<=": NaN fails both bounds.
+            if value is not None and not (value > bound if exclusive else value >= bound):
+                raise ValueError(f"{name} must be {'>' if exclusive else '>='} {bound}, got {value!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if _base_type(f.type) is int and value is not None and value > INT_MAX:
+                raise ValueError(f"{f.name} must be <= {INT_MAX}, got {value!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port!r}")
         for f in dataclasses.fields(self):
@@ -213,6 +205,24 @@ def _show(value) -> str:
     if isinstance(value, list):
         return ",".join(value) or "none"
     return str(value)
+
+
+# Every integer setting fits in 64 bits, as the JSON of the configuration
+# (between the processes, on /admin/config) carries it.
+INT_MAX = 2**63 - 1
+# The lower bound of each numeric field: name -> (bound, exclusive). One table
+# for `validate()` and for the schema of PATCH /admin/config (None, where a
+# field allows it, is not bounded).
+LOWER_BOUNDS: dict[str, tuple[int, bool]] = {
+    **{name: (1, False) for name in ("max_batch_size", "max_num_tokens", "default_max_tokens",
+                                     "default_block_length", "workers", "max_body_bytes", "max_prompt_chars",
+                                     "max_messages", "max_queue", "circuit_failures", "engine_threads")},
+    **{name: (0, True) for name in ("request_timeout_s", "max_queue_wait_s", "dedup_window_s",
+                                    "circuit_cooldown_s", "drain_timeout_s", "default_steps_per_token")},
+    "engine_stall_timeout_s": (0, False),
+    "rate_limit_per_minute": (0, False),
+    "load_retries": (0, False),
+}
 
 
 def _base_type(annotation) -> type:

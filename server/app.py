@@ -60,7 +60,7 @@ def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: Se
                         metrics=HttpMetrics())
 
     rate_limits = rate_limits if rate_limits is not None else RateLimitTable.private()
-    shared_config = SharedConfig(state, getattr(engine_client, "control", None))
+    shared_config = SharedConfig(state, engine_client.control)
     proxies = TrustedProxies(config.trusted_proxies)
     admission = Admission(state, rate_limits, proxies)
     request_log = RequestLog(state, AuditSink.open(config.audit_log), proxies,
@@ -72,9 +72,11 @@ def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: Se
     if config.cors_origins:
         middleware.append(falcon.CORSMiddleware(allow_origins=config.cors_origins,
                                                 expose_headers=["X-Request-ID", "X-API-Version"]))
-    middleware += [ApiKeyAuth(config.api_keys, config.admin_keys, metrics_require_key=config.metrics_require_key),
+    router = Router()
+    middleware += [ApiKeyAuth(config.api_keys, config.admin_keys, metrics_require_key=config.metrics_require_key,
+                              routed=router.serves),
                    admission, EngineLifespan(engine_client, warm_up=lambda: warm_up(tokenizer))]
-    app = falcon.asgi.App(middleware=middleware)
+    app = falcon.asgi.App(middleware=middleware, router=router)
     json_handler = falcon.media.JSONHandler(dumps=lambda obj: orjson.dumps(obj).decode(), loads=orjson.loads)
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     app.add_error_handler((Exception, falcon.HTTPError), handle_error)
@@ -96,6 +98,24 @@ def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: Se
     app.add_route("/openapi.json", OpenApi(state))
     app.add_route("/admin/config", AdminConfig(shared_config, request_log))
     return ChannelApp(app, config.max_body_bytes)
+
+
+class Router(falcon.routing.CompiledRouter):
+    """Falcon's router, which also says whether a route serves a method, so
+    that a request Falcon answers 404 or 405 gets that answer before any key
+    check (a fuzzer, or a client, learns it sent the wrong method)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.methods: dict[str, frozenset[str]] = {}  # uri template -> methods its resource serves
+
+    def add_route(self, uri_template: str, resource: object, **kwargs) -> None:
+        self.methods[uri_template] = frozenset(self.map_http_methods(resource, **kwargs))
+        super().add_route(uri_template, resource, **kwargs)
+
+    def serves(self, path: str, method: str) -> bool:
+        found = self.find(path)
+        return found is not None and method in self.methods[found[3]]
 
 
 def warm_up(tokenizer) -> None:

@@ -94,7 +94,7 @@ class Generation:
         choice number."""
         n = request.n or 1
         choices = []
-        refuse_mask_token(state.tokenizer, prompts, param="messages" if hasattr(request, "messages") else "prompt")
+        refuse_mask_token(state.tokenizer, prompts, param=request.prompt_param)
         for p, prompt_ids in enumerate(prompts):
             params = sampling_params(state, request, len(prompt_ids))
             for i in range(n):

@@ -7,16 +7,24 @@ come in through the validation context (`Limits`). `parse()` turns the first
 pydantic error into an `InvalidRequest` (or `NotFound` for an unknown model)
 that never quotes more than a short clip of the input.
 
+The models' JSON schemas are the request bodies of the OpenAPI document
+(`server.openapi`), so they say all that validation checks: the fields a
+configured limit bounds carry a marker (`_limited`) that the document turns
+into the running server's value, and each check across fields is stated
+beside its validator as a JSON-schema rule (`schema_rules`).
+
 The response shapes live in `server.responses`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
+
+from typing_extensions import TypedDict
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.errors import ApiError, InvalidRequest, NotFound, clip
@@ -111,8 +119,39 @@ def _context(info: ValidationInfo) -> Limits:
     return info.context["limits"]
 
 
+def _integral(value):
+    """JSON has one kind of number: 5.0 is the integer 5 (as JSON Schema reads
+    it, and many clients write it); 5.5 and "5" stay errors."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+# After the bounds in an Annotated int (before them, pydantic's JSON schema loses their names).
+INTEGRAL = BeforeValidator(_integral)
+
+# The key that marks a field bounded by a configured limit in a JSON schema.
+LIMIT_KEY = "x-dfastllm-limit"
+
+
+def _limited(limit: str):
+    """A field bounded by `Limits.<limit>` (the served model's name, a
+    length, the vocabulary), which validation reads from its context."""
+    return Field(json_schema_extra={LIMIT_KEY: limit})
+
+
+def _state_rules(schema: dict, cls) -> None:
+    if cls.schema_rules:
+        schema["allOf"] = list(cls.schema_rules)
+
+
+def _not_null(name: str) -> dict:
+    """JSON schema: `name` is present and not null."""
+    return {"properties": {name: {"not": {"type": "null"}}}, "required": [name]}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_state_rules)
+    # The checks across fields that the model validators make, as JSON schema.
+    schema_rules: ClassVar[tuple[dict, ...]] = ()
 
     @classmethod
     def from_body(cls, body: bytes, limits: Limits):
@@ -123,22 +162,30 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+STREAM_OPTIONS_RULE = {"description": "stream_options only with stream: true",
+                       "anyOf": [{"properties": {"stream": {"const": True}}, "required": ["stream"]},
+                                 {"properties": {"stream_options": {"type": "null"}}}]}
+
+
 class _Generation(_Strict):
     """Fields shared by completions and chat completions."""
 
-    model: str
-    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
+    prompt_param: ClassVar[str]  # the field that holds the prompt, for errors about it
+    schema_rules = (STREAM_OPTIONS_RULE,)
+    model: Annotated[str, _limited("model")]
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-                    Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
+    stop: StopStrings | None = None
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT), INTEGRAL] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     # Diffusion extensions (LLaDA's generate() arguments).
-    steps: Annotated[int, Field(ge=1)] | None = None
-    block_length: Annotated[int, Field(ge=1)] | None = None
+    steps: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    block_length: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     remasking: Literal["low_confidence", "random"] | None = None
     threshold: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     # vLLM extension: generate exactly max_tokens (benchmarks).
@@ -149,7 +196,7 @@ class _Generation(_Strict):
     def _served_model(cls, model: str, info: ValidationInfo) -> str:
         return _check_served_model(model, info)
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop", mode="before", json_schema_input_type=StopString | StopStrings | None)
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
@@ -197,16 +244,21 @@ def _check_prompt_chars(text: str, info: ValidationInfo, what: str) -> str:
     return text
 
 
+Prompt = Annotated[str, Field(min_length=1), _limited("max_prompt_chars")]
+Prompts = Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+
+
 class CompletionRequest(_Generation):
-    prompt: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_PROMPTS)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    prompt_param = "prompt"
+    prompt: Prompts
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data):
         return _drop_neutral(data, NEUTRAL_COMPLETION)
 
-    @field_validator("prompt", mode="before")
+    @field_validator("prompt", mode="before", json_schema_input_type=Prompt | Prompts)
     @classmethod
     def _prompt_list(cls, value):
         return [value] if isinstance(value, str) else value
@@ -219,12 +271,21 @@ class CompletionRequest(_Generation):
         return prompts
 
 
+class TextPart(TypedDict):
+    """A content part that can be served (the JSON schema of those `_text_parts` takes)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str
     name: Annotated[str, Field(max_length=64)] | None = None
 
-    @field_validator("content", mode="before")
+    @field_validator("content", mode="before",
+                     json_schema_input_type=Annotated[str, _limited("max_prompt_chars")] | list[TextPart])
     @classmethod
     def _text_parts(cls, content):
         """OpenAI's list of content parts; only text parts can be served."""
@@ -246,9 +307,13 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    prompt_param = "messages"
+    schema_rules = (*_Generation.schema_rules,
+                    {"description": "max_tokens or max_completion_tokens, not both",
+                     "not": {"allOf": [_not_null("max_tokens"), _not_null("max_completion_tokens")]}})
+    messages: Annotated[list[ChatMessage], Field(min_length=1), _limited("max_messages")]
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -258,9 +323,8 @@ class ChatCompletionRequest(_Generation):
     @model_validator(mode="before")
     @classmethod
     def _one_max_tokens(cls, data):
-        if isinstance(data, dict) and None not in (data.get("max_tokens"), data.get("max_completion_tokens")) \
-                and data["max_tokens"] != data["max_completion_tokens"]:
-            raise PydanticCustomError("invalid_value", "max_tokens and max_completion_tokens disagree; send one")
+        if isinstance(data, dict) and None not in (data.get("max_tokens"), data.get("max_completion_tokens")):
+            raise PydanticCustomError("invalid_value", "send max_tokens or max_completion_tokens, not both")
         return data
 
     @field_validator("messages")
@@ -279,9 +343,11 @@ class ChatCompletionRequest(_Generation):
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: a completions `prompt` or chat `messages`, not both."""
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    schema_rules = ({"description": "exactly one of prompt or messages",
+                     "oneOf": [_not_null("prompt"), _not_null("messages")]},)
+    model: Annotated[str, _limited("model")] | None = None
+    prompt: Annotated[str, _limited("max_prompt_chars")] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1), _limited("max_messages")] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = True
 
@@ -308,8 +374,8 @@ class TokenizeRequest(_Strict):
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    model: Annotated[str, _limited("model")] | None = None
+    tokens: list[Annotated[int, Field(ge=0), INTEGRAL, _limited("vocab_size")]]
 
     @field_validator("model")
     @classmethod
@@ -329,8 +395,9 @@ class DetokenizeRequest(_Strict):
 
 # --- parsing ---------------------------------------------------------------
 
-def parse(model: type[BaseModel], body: bytes, limits: Limits):
-    """Validate a JSON body; the first problem becomes the API error."""
+def parse(model: type[BaseModel], body: bytes, limits: Limits | None = None):
+    """Validate a JSON body; the first problem becomes the API error. (Only
+    the request models of generation and tokenization need `limits`.)"""
     try:
         return model.model_validate_json(body, strict=True, context={"limits": limits})
     except pydantic.ValidationError as error:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dfastllm.config import ServerConfig
 from dfastllm.engine.router import RequestRouter
 from dfastllm.ipc import EngineState, IpcLayout
-from dfastllm.ipc.control import EngineSnapshot, NoFreeSlot
+from dfastllm.ipc.control import ControlBlock, EngineSnapshot, NoFreeSlot
 from dfastllm.ipc.messages import (Cancel, CancelAck, DecodeError, Error, Finished, Rejected, RejectReason, Submit,
                                    Tokens, decode, encode)
 from dfastllm.ipc.ring import AsyncRingReader, AsyncRingWriter
@@ -129,6 +129,10 @@ class RequestStream:
 class _ClientBase:
     """What both clients share: open streams, the answer routing, submit and cancel.
     A subclass provides the transport: `_send(frame)`, `_check_ready()`, `state()`."""
+
+    # The engine process's control block, which every worker shares (runtime
+    # settings); None for an engine in this process.
+    control: ControlBlock | None = None
 
     def __init__(self) -> None:
         self._streams: dict[str, RequestStream] = {}

@@ -15,6 +15,8 @@ import numpy as np
 from dfastllm.engine.sampler import num_transfer_tokens, split_steps
 from dfastllm.sampling_params import SamplingParams
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
 
 @dataclasses.dataclass
 class RequestOutput:
@@ -58,7 +60,9 @@ class Request:
         self.block_starts = list(range(0, self.gen_len, size))  # generation indices
         self.block_sizes = [min(size, self.gen_len - s) for s in self.block_starts]
         self.block_steps = split_steps(params.effective_steps, self.block_sizes)
-        self.threshold = params.threshold or 0.0
+        # The sampler compares in float32, where a threshold under its smallest
+        # positive value would read as 0 (top-k mode with k = 0: no commit ever).
+        self.threshold = max(params.threshold, FLOAT32_TINY) if params.threshold else 0.0
 
         self.generated = np.full(self.gen_len, mask_id, dtype=np.int64)  # host mirror
         self.block = 0

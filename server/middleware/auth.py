@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from server.errors import Forbidden, Unauthorized
 
@@ -27,14 +28,18 @@ def _matches(key: bytes, keys: list[bytes]) -> bool:
 
 
 class ApiKeyAuth:
-    def __init__(self, api_keys: list[str], admin_keys: list[str], *, metrics_require_key: bool):
+    def __init__(self, api_keys: list[str], admin_keys: list[str], *, metrics_require_key: bool,
+                 routed: Callable[[str, str], bool]):
+        """`routed(path, method)`: whether a route serves it; if not, Falcon's
+        404 or 405 comes before any key check."""
         self.api_keys = [k.encode() for k in api_keys]
         self.admin_keys = [k.encode() for k in admin_keys]
         self.public = PUBLIC_PATHS if metrics_require_key else PUBLIC_PATHS | {"/metrics"}
+        self.routed = routed
 
     async def process_request(self, req, resp) -> None:
         req.context.key_id = None
-        if req.method == "OPTIONS" or req.path in self.public:
+        if req.method == "OPTIONS" or req.path in self.public or not self.routed(req.path, req.method):
             return
         admin = req.path == ADMIN_PREFIX or req.path.startswith(ADMIN_PREFIX + "/")
         if admin and not self.admin_keys:

@@ -1,40 +1,68 @@
 """GET and PATCH /admin/config: the runtime-tunable settings (admin key
 only; `ApiKeyAuth` refuses other keys with 403 and no key with 401).
 
-PATCH takes a JSON object of runtime fields. It is validated as a whole
-with `ServerConfig.updated` (400, and nothing changes, if any value is
-invalid), published to every worker and the engine through the control
-block, and audit-logged with the values before and after.
+PATCH takes a JSON object of runtime fields, validated by its pydantic model
+`RuntimeSettingsPatch` (types, bounds and choices from `ServerConfig`; 400
+naming the field, and nothing changes, if any value is invalid), published
+to every worker and the engine through the control block, and audit-logged
+with the values before and after.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Literal
+from typing import Annotated, Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
-from dfastllm.config import ServerConfig
-from server.errors import InvalidRequest, clip
+from dfastllm.config import INT_MAX, LOWER_BOUNDS, ServerConfig
 from server.middleware.channel import read_body
 from server.middleware.runtime_config import changed_fields
+from server.schemas import INTEGRAL, parse
 
 
-def _settings_model(name: str, *, optional: bool) -> type[BaseModel]:
-    """The runtime fields of ServerConfig as a pydantic model (for the OpenAPI document)."""
+def _settings_model(name: str, base: type[BaseModel], *, optional: bool) -> type[BaseModel]:
+    """The runtime fields of ServerConfig as a pydantic model, with the
+    bounds and choices `ServerConfig.validate` checks."""
     hints = typing.get_type_hints(ServerConfig)
     fields = {}
     for f in dataclasses.fields(ServerConfig):
-        if f.metadata["runtime"]:
-            # A PATCH may leave any field out, but may not send null.
-            fields[f.name] = (hints[f.name], Field(None if optional else ..., description=f.metadata["help"]))
-    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+        if not f.metadata["runtime"]:
+            continue
+        kind = Literal[tuple(f.metadata["choices"])] if f.metadata["choices"] else hints[f.name]
+        bound, exclusive = LOWER_BOUNDS.get(f.name, (None, False))
+        kind = Annotated[kind, Field(gt=bound) if exclusive else Field(ge=bound)]
+        if hints[f.name] is int:
+            kind = Annotated[kind, Field(le=INT_MAX), INTEGRAL]
+        if hints[f.name] is float:
+            kind = Annotated[kind, Field(allow_inf_nan=False)]
+        # A PATCH may leave any field out, but may not send null.
+        fields[f.name] = (kind, Field(None if optional else ..., description=f.metadata["help"]))
+    return create_model(name, __base__=base, **fields)
 
 
-RuntimeSettings = _settings_model("RuntimeSettings", optional=False)
-RuntimeSettingsPatch = _settings_model("RuntimeSettingsPatch", optional=True)
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _SettingsChange(_Settings):
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.model_fields_set:
+            raise PydanticCustomError("invalid_value", "The body must be a JSON object of settings to change, "
+                                      "e.g. {example}.", {"example": '{"max_queue": 64}'})
+        return self
+
+    def changes(self) -> dict:
+        return self.model_dump(exclude_unset=True)
+
+
+RuntimeSettings = _settings_model("RuntimeSettings", _Settings, optional=False)
+RuntimeSettingsPatch = _settings_model("RuntimeSettingsPatch", _SettingsChange, optional=True)
 
 
 class AdminConfigResponse(BaseModel):
@@ -53,13 +81,8 @@ class AdminConfig:
         resp.media = self._body()
 
     async def on_patch(self, req, resp) -> None:
-        changes = _parse_changes(await read_body(req))
-        try:
-            before, after = self.shared.update(changes)
-        except ValueError as error:
-            message = str(error)
-            param = message.split(" ", 1)[0]
-            raise InvalidRequest(clip(message, 200), param=param if param in changes else None) from None
+        changes = parse(RuntimeSettingsPatch, await read_body(req)).changes()
+        before, after = self.shared.update(changes)
         old, new = changed_fields(before, after)
         self.request_log.admin_action(req, "config_update", before=old, after=new,
                                       config_version=self.shared.version)
@@ -67,18 +90,3 @@ class AdminConfig:
 
     def _body(self) -> dict:
         return {"object": "config", "version": self.shared.version, "config": self.shared.runtime_settings()}
-
-
-def _parse_changes(body: bytes) -> dict:
-    try:
-        changes = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(changes, dict) or not changes:
-        raise InvalidRequest("The body must be a JSON object of settings to change, e.g. {\"max_queue\": 64}.")
-    tunable = ServerConfig.runtime_fields()
-    for name in changes:
-        if name not in tunable:
-            raise InvalidRequest(f"{clip(name)!r} is not a runtime-tunable setting; tunable: {', '.join(tunable)}.",
-                                 param=clip(name), code="unknown_parameter")
-    return changes

@@ -13,7 +13,7 @@ class Version:
 
 class OpenApi:
     def __init__(self, state):
-        self.document = openapi_document(state.model.name)
+        self.document = openapi_document(state.config, state.limits())
 
     async def on_get(self, req, resp) -> None:
         resp.media = self.document

@@ -281,6 +281,65 @@ async def test_openapi_document_covers_every_route(api):
     assert "max_tokens" in schemas["CompletionRequest"]["properties"]
 
 
+async def test_openapi_document_states_this_servers_keys_model_and_limits(tiny_model):
+    async with running_app(tiny_model) as api:
+        document = (await api.get("/openapi.json")).json()
+        assert "securitySchemes" not in document["components"]
+        assert not any("security" in op for ops in document["paths"].values() for op in ops.values())
+        # With no admin keys the admin API is off: 403 for everyone, stated.
+        assert "403" in document["paths"]["/admin/config"]["patch"]["responses"]
+    async with running_app(tiny_model, api_keys=["key-a"], admin_keys=["root"], max_messages=7) as api:
+        document = (await api.get("/openapi.json")).json()
+        paths, schemas = document["paths"], document["components"]["schemas"]
+        assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+        for method, path in (("post", "/v1/completions"), ("get", "/v1/models/{model_id}"),
+                             ("patch", "/admin/config")):
+            assert paths[path][method]["security"] == [{"bearer": []}] and "401" in paths[path][method]["responses"]
+        assert "security" not in paths["/health/ready"]["get"] and "security" not in paths["/metrics"]["get"]
+    assert schemas["CompletionRequest"]["properties"]["model"]["enum"] == [MODEL]
+    assert schemas["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] == 7
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] == tiny_model.tokenizer.vocab_size - 1
+    (request_id,) = [p for p in paths["/v1/requests/{request_id}"]["delete"]["parameters"] if p["in"] == "path"]
+    assert request_id["schema"]["pattern"] == "^[A-Za-z0-9._:-]{1,128}$"
+    assert "oneOf" in schemas["TokenizeRequest"]["allOf"][0]
+    assert set(paths["/v1/completions"]["post"]["responses"]["200"]["content"]) == {"application/json",
+                                                                                    "text/event-stream"}
+    assert set(paths["/openapi.json"]["get"]["responses"]["200"]["content"]) == {"application/json"}
+    # No pydantic-only keyword or unreplaced limit marker leaks into the document.
+    text = str(document)
+    assert "'ge'" not in text and "'le'" not in text and "x-dfastllm-limit" not in text
+
+
+async def test_a_method_a_route_lacks_is_405_before_the_key_check(tiny_model):
+    async with running_app(tiny_model, api_keys=["key-a"]) as api:
+        for method, path in (("TRACE", "/admin/config"), ("PUT", "/v1/completions"), ("POST", "/v1/models")):
+            assert (await api.request(method, path)).status == 405, (method, path)
+        assert (await api.get("/admin/config")).status == 403  # the admin API is off
+        assert (await api.get("/v1/models")).status == 401
+
+
+async def test_admin_config_patch_validates_through_its_model(tiny_model):
+    admin = {"Authorization": "Bearer root"}
+    async with running_app(tiny_model, admin_keys=["root"]) as api:
+        before = (await api.get("/admin/config", headers=admin)).json()["config"]
+        invalid = [("max_queue", 0), ("max_queue_wait_s", 0), ("log_level", "chatty"), ("default_max_tokens", "3"),
+                   ("default_block_length", 1.5), ("rate_limit_per_minute", True), ("max_queue_wait_s", None),
+                   ("rate_limit_per_minute", 2**63), ("port", 9000), ("nonsense", 1)]
+        for field, value in invalid:
+            # One valid change beside the invalid one: nothing may change.
+            resp = await api.request("PATCH", "/admin/config", headers=admin, json={"max_queue": 3, field: value})
+            assert resp.status == 400 and resp.json()["error"]["param"] == field, (field, resp.body)
+        resp = await api.request("PATCH", "/admin/config", headers=admin, body=b'{"request_timeout_s": NaN}')
+        assert resp.status == 400 and resp.json()["error"]["param"] == "request_timeout_s"
+        for body in (b"{}", b"[]", b"{not json"):
+            resp = await api.request("PATCH", "/admin/config", headers=admin, body=body)
+            assert resp.status == 400 and resp.json()["error"]["param"] is None, body
+        assert (await api.get("/admin/config", headers=admin)).json()["config"] == before
+        # 64.0 is the integer 64, as JSON Schema reads it.
+        resp = await api.request("PATCH", "/admin/config", headers=admin, json={"max_queue": 64.0})
+        assert resp.status == 200 and resp.json()["config"] == {**before, "max_queue": 64}
+
+
 def _walk(node):
     if node.resource is not None:
         yield node

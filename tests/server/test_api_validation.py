@@ -104,6 +104,8 @@ ACCEPTED = {
     "prompt list": completion(prompt=["Hello", "World"]),
     "steps and block_length at max_tokens": completion(steps=2, block_length=2, remasking="random"),
     "threshold 1": completion(threshold=1.0),
+    # below the smallest float32, where the sampler compares: still threshold decoding, never 0 (no commit)
+    "threshold under float32": completion(threshold=1e-300, max_tokens=2),
     "neutral OpenAI defaults": completion(logprobs=None, echo=False, presence_penalty=0, frequency_penalty=0.0,
                                           logit_bias={}, best_of=1, suffix=None, user="someone"),
     "chat neutral OpenAI defaults": chat(tools=[], tool_choice="none", logprobs=False, top_logprobs=0,
@@ -141,10 +143,10 @@ async def test_accepted_at_the_bounds(api, name):
     assert resp.status == 200, resp.body
     if body.get("stream"):
         assert resp.events()[-1] == "[DONE]"
-    elif path == "/v1/completions":
-        CompletionResponse.model_validate(resp.json())
     else:
-        ChatCompletionResponse.model_validate(resp.json())
+        model = CompletionResponse if path == "/v1/completions" else ChatCompletionResponse
+        # Generated to the end, not cancelled by the request timeout.
+        assert {c.finish_reason for c in model.model_validate(resp.json()).choices} <= {"stop", "length"}
 
 
 async def test_context_length_error_states_both_numbers(api, tiny_model):
