@@ -62,6 +62,8 @@ class ServerConfig:
     metrics_require_key: bool = _field(False, "require an API key on /metrics")
     cors_origins: list[str] = _field([], "origins allowed by CORS; none: no CORS headers")
     max_body_bytes: int = _field(1 << 20, "largest request body")
+    body_timeout_s: float = _field(30.0, "a request body (declared or chunked) not all there this many seconds "
+                                   "after its headers is answered 408 and its connection closed")
     max_prompt_chars: int = _field(64 * 1024, "longest prompt or message content, in characters")
     max_messages: int = _field(256, "most messages in a chat request")
     request_timeout_s: float = _field(600.0, "a request still running after this is cancelled", runtime=True)
@@ -167,7 +169,7 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("request_timeout_s", "max_queue_wait_s", "dedup_window_s", "circuit_cooldown_s",
-                     "drain_timeout_s", "default_steps_per_token"):
+                     "drain_timeout_s", "default_steps_per_token", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.engine_threads is not None and self.engine_threads < 1:
