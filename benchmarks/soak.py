@@ -71,19 +71,24 @@ def role(pid: int, supervisor: int) -> str:
     return "other"  # e.g. multiprocessing's resource tracker
 
 
+MEMORY_FIELDS = {"VmRSS": "rss_kib", "RssAnon": "anon_kib", "RssFile": "file_kib", "RssShmem": "shmem_kib"}
+
+
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and RssAnon (KiB): the anonymous part leaves out the mapped files
-    and shared memory (the rings, the shared libraries) whose pages come and go."""
+    """Resident memory (KiB) and its parts: anonymous (the heaps), mapped
+    files (libraries, the metrics files) and shared memory (the rings, whose
+    pages count once a process has touched them: they fill up to the rings'
+    capacity as the write positions first go round)."""
     values = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 name, _, rest = line.partition(":")
-                if name in ("VmRSS", "RssAnon"):
-                    values[name] = int(rest.split()[0])
+                if name in MEMORY_FIELDS:
+                    values[MEMORY_FIELDS[name]] = int(rest.split()[0])
     except FileNotFoundError:
         return {}
-    return {"rss_kib": values.get("VmRSS", 0), "anon_kib": values.get("RssAnon", 0)}
+    return values
 
 
 def open_fds(pid: int) -> int:
@@ -161,10 +166,13 @@ class Load:
 
     async def chat_whole(self, client, turn: int) -> str:
         r = await client.post("/v1/chat/completions", json=chat_body(self.model, turn, stream=False))
-        return "ok" if r.status_code == 200 and r.json()["choices"][0]["message"]["content"] else f"HTTP {r.status_code}"
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}"
+        return "ok" if r.json()["choices"][0]["message"]["content"] else "an empty answer"
 
     async def completion(self, client, turn: int) -> str:
-        r = await client.post("/v1/completions", json={"model": self.model, "prompt": f"Soak {turn}", "max_tokens": 8})
+        r = await client.post("/v1/completions",
+                              json={"model": self.model, "prompt": f"Soak {turn}", "max_tokens": 8})
         return "ok" if r.status_code == 200 else f"HTTP {r.status_code}"
 
     async def tokenize(self, client, turn: int) -> str:
@@ -172,7 +180,8 @@ class Load:
         return "ok" if r.status_code == 200 else f"HTTP {r.status_code}"
 
     async def malformed(self, client, turn: int) -> str:
-        r = await client.post("/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"})
+        r = await client.post("/v1/chat/completions", content=b'{"model": ',
+                              headers={"Content-Type": "application/json"})
         return "ok" if r.status_code == 400 else f"HTTP {r.status_code} for a malformed body"
 
 
@@ -199,7 +208,7 @@ def summary(samples: list[dict], warmup_s: float) -> dict:
         result["processes"][name] = {
             key: {"first": points[0][1][key], "last": points[-1][1][key],
                   "slope_per_min": slope_per_minute([(t, v[key]) for t, v in points])}
-            for key in ("rss_kib", "anon_kib")}
+            for key in MEMORY_FIELDS.values()}
     for table in sorted({t for s in after for t in s["tables"]}):
         points = [(s["t"], s["tables"][table]) for s in after if table in s["tables"]]
         result["tables"][table] = {"first": points[0][1], "last": points[-1][1], "max": max(v for _, v in points),
@@ -208,18 +217,20 @@ def summary(samples: list[dict], warmup_s: float) -> dict:
 
 
 def print_sample(s: dict) -> None:
-    memory = " ".join(f"{name}={p['rss_kib'] / 1024:.1f}/{p['anon_kib'] / 1024:.1f}" for name, p in
-                      sorted(s["processes"].items()))
+    memory = " ".join(f"{name}={p['rss_kib'] / 1024:.1f}/{p['anon_kib'] / 1024:.1f}/{p['shmem_kib'] / 1024:.1f}"
+                      for name, p in sorted(s["processes"].items()))
     tables = " ".join(f"{k}={v:.0f}" for k, v in sorted(s["tables"].items()))
-    print(f"t={s['t']:7.0f}s requests={s['requests']:7d} rss/anon MiB: {memory} | {tables}", flush=True)
+    print(f"t={s['t']:7.0f}s requests={s['requests']:7d} rss/anon/shmem MiB: {memory} | {tables}", flush=True)
 
 
 def print_summary(result: dict) -> None:
     print("after warm-up, slope per minute (KiB/min for memory, entries/min for tables):")
     for name, keys in result["processes"].items():
-        rss, anon = keys["rss_kib"], keys["anon_kib"]
+        rss = keys["rss_kib"]
+        parts = ", ".join(f"{key.removesuffix('_kib')} {_fmt(keys[key]['slope_per_min'])}"
+                          for key in ("anon_kib", "file_kib", "shmem_kib"))
         print(f"  {name:>20}  rss {rss['first'] / 1024:7.1f} -> {rss['last'] / 1024:7.1f} MiB, "
-              f"slope {_fmt(rss['slope_per_min'])} KiB/min; anon slope {_fmt(anon['slope_per_min'])} KiB/min")
+              f"slope {_fmt(rss['slope_per_min'])} KiB/min ({parts})")
     for table, t in result["tables"].items():
         print(f"  {table:>28}  {t['first']:.0f} -> {t['last']:.0f} (max {t['max']:.0f}), "
               f"slope {_fmt(t['slope_per_min'])}/min")
