@@ -22,7 +22,7 @@ LOCUSTFILE = pathlib.Path(__file__).parents[2] / "benchmarks" / "locustfile.py"
 def test_a_headless_run_against_the_default_model_reports_ttft_and_inter_token_rows(tmp_path):
     with serving(None, str(tmp_path / "serve.log"), "--workers", "2") as serve:
         run = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "4",
-                              "-r", "4", "-t", "20s", "--host", serve.base_url, "--csv", str(tmp_path / "locust"),
+                              "-r", "4", "-t", "12s", "--host", serve.base_url, "--csv", str(tmp_path / "locust"),
                               "--only-summary", "--loglevel", "WARNING"],
                              capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
