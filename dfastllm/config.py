@@ -64,6 +64,8 @@ class ServerConfig:
     metrics_require_key: bool = _field(False, "require an API key on /metrics")
     cors_origins: list[str] = _field([], "origins allowed by CORS; none: no CORS headers")
     max_body_bytes: int = _field(1 << 20, "largest request body")
+    body_timeout_s: float = _field(30.0, "a request body (declared or chunked) not all there this many seconds "
+                                   "after its headers is answered 408 and its connection closed")
     max_prompt_chars: int = _field(64 * 1024, "longest prompt or message content, in characters")
     max_messages: int = _field(256, "most messages in a chat request")
     request_timeout_s: float = _field(600.0, "a request still running after this is cancelled", runtime=True)
@@ -218,7 +220,7 @@ LOWER_BOUNDS: dict[str, tuple[int, bool]] = {
                                      "default_block_length", "workers", "max_body_bytes", "max_prompt_chars",
                                      "max_messages", "max_queue", "circuit_failures", "engine_threads")},
     **{name: (0, True) for name in ("request_timeout_s", "max_queue_wait_s", "dedup_window_s",
-                                    "circuit_cooldown_s", "drain_timeout_s", "default_steps_per_token")},
+                                    "circuit_cooldown_s", "drain_timeout_s", "default_steps_per_token", "body_timeout_s")},
     "engine_stall_timeout_s": (0, False),
     "rate_limit_per_minute": (0, False),
     "load_retries": (0, False),

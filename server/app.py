@@ -97,7 +97,7 @@ def create_app(config: ServerConfig, engine_client, *, tokenizer=None, model: Se
     app.add_route("/version", Version())
     app.add_route("/openapi.json", OpenApi(state))
     app.add_route("/admin/config", AdminConfig(shared_config, request_log))
-    return ChannelApp(app, config.max_body_bytes)
+    return ChannelApp(app, config.max_body_bytes, config.body_timeout_s)
 
 
 class Router(falcon.routing.CompiledRouter):

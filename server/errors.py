@@ -62,6 +62,10 @@ class Unauthorized(ApiError):
     type = "authentication_error"
     default_code = "invalid_api_key"
 
+    def __init__(self, message: str, **kwargs):
+        kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})  # the scheme to answer with (RFC 6750)
+        super().__init__(message, **kwargs)
+
 
 class Forbidden(ApiError):
     status = 403
@@ -98,6 +102,27 @@ class RequestTooLarge(ApiError):
                          headers={"Connection": "close"})
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, body_timeout_s: float):
+        # The rest of the body is never read, so the connection cannot be reused.
+        super().__init__(f"The request body did not arrive within {body_timeout_s:g} s.",
+                         headers={"Connection": "close"})
+
+
+class IncompleteBody(InvalidRequest):
+    default_code = "incomplete_body"
+
+    def __init__(self, received: int, declared: int | None):
+        what = (f"after {received} of the {declared} bytes its Content-Length declared" if declared is not None
+                else "before its last chunk")
+        super().__init__(f"The client closed its side of the connection and the request body ended {what}.",
+                         headers={"Connection": "close"})
+
+
 class RateLimited(ApiError):
     status = 429
     type = "rate_limit_error"
@@ -112,6 +137,10 @@ class Unavailable(ApiError):
     def __init__(self, message: str, **kwargs):
         kwargs.setdefault("headers", {"Retry-After": str(RETRY_AFTER_S)})
         super().__init__(message, **kwargs)
+
+
+class ShuttingDown(Unavailable):
+    default_code = "server_shutting_down"
 
 
 class InternalError(ApiError):

@@ -23,9 +23,10 @@ import time
 
 from dfastllm import tracing
 from dfastllm.engine.client import ErrorEvent, FinishedEvent, TokensEvent
+from dfastllm.ipc.control import EngineState
 from dfastllm.ipc.messages import choice_id
 from dfastllm.sampling_params import SamplingParams
-from server.errors import InternalError, InvalidRequest, Unavailable
+from server.errors import InternalError, InvalidRequest, ShuttingDown, Unavailable
 from server.streaming import ChoiceText
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,10 @@ class Generation:
             self.metrics.e2e.observe(time.perf_counter() - self.started)
             failed = [c.error for c in self.choices if c.error is not None]
             if failed:
+                if self.engine.state().state in (EngineState.DRAINING, EngineState.STOPPED):
+                    # The drain timeout (or the engine's exit at the end of it) cut it short.
+                    raise ShuttingDown("The server is shutting down and ended the generation before it "
+                                       "finished; retry on another replica or once it is back.")
                 if any(e.engine_failed for e in failed):
                     raise Unavailable("The engine failed while generating; retry shortly.")
                 raise InternalError("The generation failed.")

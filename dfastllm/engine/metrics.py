@@ -60,6 +60,10 @@ class EngineMetrics:
                                    registry=r, multiprocess_mode="livemostrecent")
         self.circuit_opened = Counter(PREFIX + "circuit_opened_total",
                                       "Times repeated generation failures opened the circuit breaker", registry=r)
+        # Same name and mode as the workers' gauge (server/metrics.py), tables of the engine's own.
+        self.internal_entries = Gauge(PREFIX + "internal_entries",
+                                      "Entries in a table that requests fill (largest over the live workers)",
+                                      ["table"], registry=r, multiprocess_mode="livemax")
         # Same name as the workers' counter: multiprocess mode sums by labels, and the
         # engine only uses the reasons it alone decides ("deadline", "worker_gone").
         self.cancelled = Counter(PREFIX + "request_cancelled_total", "Requests cancelled before they finished",
@@ -72,6 +76,10 @@ class EngineMetrics:
     def observe_finished(self, num_generated_tokens: int, num_steps: int) -> None:
         if num_steps > 0:
             self.tokens_per_step.observe(num_generated_tokens / num_steps)
+
+    def observe_tables(self, sizes: dict[str, int]) -> None:
+        for table, size in sizes.items():
+            self.internal_entries.labels(table).set(size)
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)

@@ -218,6 +218,7 @@ class EngineProcess:
             self.control.publish_device_memory(used, total)
             if self.metrics is not None:
                 self.metrics.device_memory.set(used)
+                self.metrics.observe_tables(self.router.table_sizes())
         self._publish_circuit()
         if self.control.config_version != self._config_version:
             self._reload_config()

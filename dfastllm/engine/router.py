@@ -208,6 +208,13 @@ class RequestRouter:
             self.metrics.cancelled.labels(reason=reason).inc(len(dropped))
         return dropped
 
+    def table_sizes(self) -> dict[str, int]:
+        """For `dfastllm:internal_entries`: the requests the engine holds
+        (empty again once they end) and the ids of the dedup window (bounded
+        by the window and by `RecentRequestIds.max_ids`)."""
+        return {"engine_live_requests": len(self.live), "engine_scheduled_requests": len(self.core.scheduler.live),
+                "engine_recent_ids": len(self.recent_ids)}
+
     def fail_all(self, message: str) -> list[Reply]:
         """Abort everything still live with ERROR (drain timeout, shutdown)."""
         replies = []

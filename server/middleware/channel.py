@@ -8,6 +8,16 @@ neither it nor Granian tells a streaming generator that the client left.
 - hands the app at most `max_body_bytes` of body, chunked or not: past the
   limit it stops reading and reports the body as ended, so nothing beyond
   the limit is read or buffered (`read_body` then raises 413);
+- gives the whole body `body_timeout_s` from the request's arrival, declared
+  or chunked, however it trickles in: past the deadline it stops reading and
+  reports the body as ended (`read_body` then raises 408, and the response
+  closes the connection), so a slow or never-ending body holds a socket for
+  that long at most;
+- tells a body cut short from a complete one: Granian reports a client that
+  closed (or half-closed) its side before the end of the body as
+  `http.disconnect` where the next `http.request` would be; the channel
+  reports the body as ended and `read_body` raises 400, so a truncated body
+  never reaches the engine;
 - after the body, watches the raw channel for `http.disconnect` and calls
   the callbacks registered with `on_disconnect` at once (cancel the engine
   requests), whether the response streams or not.
@@ -17,17 +27,21 @@ from __future__ import annotations
 
 import asyncio
 
-from server.errors import RequestTooLarge
+from server.errors import IncompleteBody, RequestTimeout, RequestTooLarge
 
 SCOPE_KEY = "dfastllm.channel"
 _BODY_END = {"type": "http.request", "body": b"", "more_body": False}
 
 
 class RequestChannel:
-    def __init__(self, receive, max_body_bytes: int, declared_length: int | None = None):
+    def __init__(self, receive, max_body_bytes: int, body_timeout_s: float, declared_length: int | None = None):
         self._receive = receive
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.body_deadline = asyncio.get_running_loop().time() + body_timeout_s
         self.body_bytes = 0
+        self.timed_out = False  # the body was not all there by the deadline
+        self.truncated = False  # the client closed its side before the end of the body
         # Falcon waits for the first body chunk before it runs any middleware; a
         # client that declared too much may be waiting for our answer before it
         # sends one (`BodyLimit` answers 413 from the declared length).
@@ -46,10 +60,18 @@ class RequestChannel:
             self._watch()
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
-        event = await self._receive()
+        if self.timed_out or self.truncated:
+            return _BODY_END
+        try:
+            async with asyncio.timeout_at(self.body_deadline):
+                event = await self._receive()
+        except TimeoutError:
+            self.timed_out = True
+            return _BODY_END
         if event["type"] == "http.disconnect":
+            self.truncated = True
             self._disconnect()
-            return event
+            return _BODY_END
         self.body_bytes += len(event.get("body", b""))
         if self.body_bytes > self.max_body_bytes:
             self.too_large = True
@@ -95,15 +117,16 @@ class RequestChannel:
 class ChannelApp:
     """ASGI wrapper: a `RequestChannel` for each HTTP request."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        channel = RequestChannel(receive, self.max_body_bytes, _content_length(scope))
+        channel = RequestChannel(receive, self.max_body_bytes, self.body_timeout_s, _content_length(scope))
         scope[SCOPE_KEY] = channel
         try:
             await self.app(scope, channel.receive, send)
@@ -125,9 +148,15 @@ def channel_of(req) -> RequestChannel:
 
 
 async def read_body(req) -> bytes:
-    """The whole body, or 413 if it is over the limit (declared lengths are
-    refused earlier, by `BodyLimit`, before anything is read)."""
+    """The whole body; 413 if it is over the limit (declared lengths are
+    refused earlier, by `BodyLimit`, before anything is read), 408 if it did
+    not arrive in time, 400 if the client ended it early."""
     body = await req.stream.readall()
-    if channel_of(req).too_large:
-        raise RequestTooLarge(channel_of(req).max_body_bytes)
+    channel = channel_of(req)
+    if channel.too_large:
+        raise RequestTooLarge(channel.max_body_bytes)
+    if channel.timed_out:
+        raise RequestTimeout(channel.body_timeout_s)
+    if channel.truncated:
+        raise IncompleteBody(len(body), channel.declared_length)
     return body

@@ -352,6 +352,7 @@ async def test_api_keys(tiny_model):
         assert (await api.get("/v1/models")).status == 401
         resp = await api.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert resp.status == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        assert resp.headers["www-authenticate"] == "Bearer"  # the scheme to answer with
         assert "key-a" not in resp.body.decode()
         assert (await api.get("/v1/models", headers={"Authorization": "Bearer key-b"})).status == 200
         for public in ("/health/live", "/health/ready", "/version", "/metrics", "/openapi.json"):
