@@ -6,7 +6,9 @@
 // (online softmax). Each chunk keeps the sum of exp((x - max)/t) it saw, so
 // the inverse-CDF draw for t > 0 walks the chunk sums and rescans a single
 // chunk: one uniform per row instead of one Gumbel per column, and exact.
-// Semantics: dfastllm/ops/reference.py.
+// A tempered-confidence row (Dream) is read as x / t and then treated as a
+// row at temperature 1: `scale_` is that 1 / t (else 1), applied to every
+// value the sweeps read. Semantics: dfastllm/ops/reference.py.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -63,8 +65,8 @@ class RowSampler {
   static constexpr bool kNeedZt = D == Draw::kTemperature;
 
  public:
-  RowSampler(const T* row, int64_t vocab, float inv_t, ChunkSum* chunks)
-      : row_(row), vocab_(vocab), inv_t_(inv_t), chunks_(chunks) {}
+  RowSampler(const T* row, int64_t vocab, float inv_t, float scale, ChunkSum* chunks)
+      : row_(row), vocab_(vocab), inv_t_(inv_t), scale_(scale), chunks_(chunks) {}
 
   void run(const RowUniforms& u, int64_t* token, float* confidence) {
     for (int64_t start = 0, c = 0; start < vocab_; start += kChunk, ++c) {
@@ -84,10 +86,13 @@ class RowSampler {
   }
 
  private:
-  // kLanes columns from i on; those at or past end read as -inf.
+  // kLanes columns from i on, scaled; those at or past end read as -inf.
   VecF load_at(int64_t i, int64_t end) const {
-    return end - i >= kLanes ? load(row_ + i) : load_partial(row_ + i, int(std::max<int64_t>(0, end - i)));
+    const VecF x = end - i >= kLanes ? load(row_ + i) : load_partial(row_ + i, int(std::max<int64_t>(0, end - i)));
+    return x * splat(scale_);
   }
+
+  float value(int64_t i) const { return to_float(row_[i]) * scale_; }
 
   // Max sweep over one chunk; merges the chunk max into the row totals and
   // rescales the running sums when it grows.
@@ -232,7 +237,7 @@ class RowSampler {
 
   int64_t first_index_of_max() const {
     for (int64_t i = 0; i < vocab_; ++i) {
-      if (to_float(row_[i]) == totals_.max) return i;
+      if (value(i) == totals_.max) return i;
     }
     return 0;
   }
@@ -240,7 +245,7 @@ class RowSampler {
   float confidence_of(int64_t tok, const RowUniforms& u) const {
     switch (Mode) {
       case ConfidenceMode::kLowConfidence:
-        return float(std::exp(double(to_float(row_[tok])) - totals_.max) / totals_.z1);
+        return float(std::exp(double(value(tok)) - totals_.max) / totals_.z1);
       case ConfidenceMode::kRandom:
         return u.confidence;
       case ConfidenceMode::kMargin:
@@ -254,6 +259,7 @@ class RowSampler {
   const T* row_;
   int64_t vocab_;
   float inv_t_;
+  float scale_;
   ChunkSum* chunks_;
   RowTotals totals_;
 };
@@ -268,15 +274,17 @@ void sample_rows(const SampleTokensParams& p, int64_t begin, int64_t end, ChunkS
     const RowUniforms u = row_uniforms(seed, offset);
     const float inv_t = 1.0f / t;
     if (!(t > 0.0f) || !std::isfinite(inv_t)) {  // t <= 0, NaN, or too small to divide by
-      RowSampler<T, Mode, Draw::kGreedy>(row, p.vocab, 1.0f, chunks)
+      RowSampler<T, Mode, Draw::kGreedy>(row, p.vocab, 1.0f, 1.0f, chunks)
           .run(u, p.tokens + r, p.confidence + r);
-    } else if (t == 1.0f) {
-      RowSampler<T, Mode, Draw::kUnitTemperature>(row, p.vocab, 1.0f, chunks)
+    } else if (p.tempered_confidence || t == 1.0f) {
+      RowSampler<T, Mode, Draw::kUnitTemperature>(row, p.vocab, 1.0f, p.tempered_confidence ? inv_t : 1.0f, chunks)
           .run(u, p.tokens + r, p.confidence + r);
     } else {
-      RowSampler<T, Mode, Draw::kTemperature>(row, p.vocab, inv_t, chunks)
+      RowSampler<T, Mode, Draw::kTemperature>(row, p.vocab, inv_t, 1.0f, chunks)
           .run(u, p.tokens + r, p.confidence + r);
     }
+    const float s = p.selection_temperature ? p.selection_temperature[r] : p.selection_temperature_scalar;
+    p.confidence[r] = perturb_confidence(p.confidence[r], s, u.confidence);
   }
 }
 

@@ -8,7 +8,9 @@
 // Warp shuffles and shared memory merge the states. For t > 0 a prefix sum
 // over the segments' masses finds the segment holding u * total, and the whole block
 // rescans only that segment (1/kWarps of the row, mostly from L2) with a
-// block prefix sum. Semantics: dfastllm/ops/reference.py.
+// block prefix sum. A tempered-confidence row (Dream) is read as x / t and
+// then treated as a row at temperature 1 (`scale` = 1 / t on every value
+// read, else 1). Semantics: dfastllm/ops/reference.py.
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -120,7 +122,7 @@ __device__ __forceinline__ void consume(const float* x, long long col, float inv
 
 // One warp streams columns [begin, end) of the row (begin is a multiple of kVec).
 template <typename T, ConfidenceMode Mode, Draw D, bool kAligned>
-__device__ void scan_segment(const T* row, long long begin, long long end, float inv_t, RowState& st) {
+__device__ void scan_segment(const T* row, long long begin, long long end, float inv_t, float scale, RowState& st) {
   constexpr int kVec = kVecElems<T>;
   const int lane = threadIdx.x & 31;
   const long long n_vec = (end - begin) / kVec;
@@ -131,6 +133,8 @@ __device__ void scan_segment(const T* row, long long begin, long long end, float
       const long long v = v0 + u * 32 + lane;
       if (v < n_vec) {
         Loader<T, kVec, kAligned>::load(row + begin + v * kVec, x[u]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[u][j] *= scale;
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[u][j] = kNegInf;
@@ -142,7 +146,7 @@ __device__ void scan_segment(const T* row, long long begin, long long end, float
     }
   }
   for (long long c = begin + n_vec * kVec + lane; c < end; c += 32) {
-    const float x = to_float(row[c]);
+    const float x = to_float(row[c]) * scale;
     consume<Mode, D, 1>(&x, c, inv_t, st);
   }
 }
@@ -199,7 +203,7 @@ __device__ __forceinline__ long long segment_length(long long vocab, int kVec) {
 // exceeds the residual; falls back to the segment's last column with mass,
 // then to the row's argmax, when rounding between the sweeps leaves none.
 template <typename T, Draw D, bool kAligned>
-__device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float row_max, float inv_t,
+__device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float row_max, float inv_t, float scale,
                                      long long argmax) {
   constexpr int kVec = kVecElems<T>;
   __shared__ float warp_totals[kWarps];
@@ -210,7 +214,10 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
   const long long per_thread = ((len + kThreads - 1) / kThreads + kVec - 1) / kVec * kVec;
   const long long lo = plan.begin + min(len, per_thread * threadIdx.x);
   const long long hi = plan.begin + min(len, per_thread * (threadIdx.x + 1));
-  auto mass = [&](float x) { return exp_clamped(D == Draw::kTemperature ? (x - row_max) * inv_t : x - row_max); };
+  auto mass = [&](float raw) {
+    const float x = raw * scale;
+    return exp_clamped(D == Draw::kTemperature ? (x - row_max) * inv_t : x - row_max);
+  };
   float sum = 0.0f;
   long long last_positive = -1;
   for (long long c = lo; c < hi; c += kVec) {
@@ -257,7 +264,7 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
 }
 
 template <typename T, ConfidenceMode Mode, Draw D, bool kAligned>
-__device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t, const RowUniforms& u) {
+__device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t, float scale, const RowUniforms& u) {
   __shared__ RowState warp_states[kWarps];
   __shared__ RowState row_state;
   __shared__ DrawPlan plan;
@@ -269,7 +276,7 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   const long long seg_end = min((long long)p.vocab, seg_begin + seg);
 
   RowState st;
-  scan_segment<T, Mode, D, kAligned>(row, seg_begin, seg_end, inv_t, st);
+  scan_segment<T, Mode, D, kAligned>(row, seg_begin, seg_end, inv_t, scale, st);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) st.shuffle_merge(o, inv_t);
   if (lane == 0) warp_states[warp] = st;
@@ -310,19 +317,21 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   if (total.m == kNegInf) {  // no finite logit
     if (threadIdx.x == 0) {
       p.tokens[r] = 0;
-      p.confidence[r] = Mode == ConfidenceMode::kRandom ? u.confidence : __int_as_float(0x7fc00000);
+      const float s = p.selection_temperature ? p.selection_temperature[r] : p.selection_temperature_scalar;
+      p.confidence[r] = perturb_confidence(Mode == ConfidenceMode::kRandom ? u.confidence : __int_as_float(0x7fc00000),
+                                           s, u.confidence);
     }
     return;
   }
   long long token = total.idx;
   if constexpr (D != Draw::kGreedy) {
-    token = draw_in_segment<T, D, kAligned>(row, plan, total.m, inv_t, total.idx);
+    token = draw_in_segment<T, D, kAligned>(row, plan, total.m, inv_t, scale, total.idx);
   }
   if (threadIdx.x != 0) return;
   p.tokens[r] = token;
   float conf = 0.0f;
   if constexpr (Mode == ConfidenceMode::kLowConfidence) {
-    conf = float(exp(double(to_float(row[token])) - total.m) / total.z1);
+    conf = float(exp(double(to_float(row[token]) * scale) - total.m) / total.z1);
   } else if constexpr (Mode == ConfidenceMode::kRandom) {
     conf = u.confidence;
   } else if constexpr (Mode == ConfidenceMode::kMargin) {
@@ -330,7 +339,8 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   } else {
     conf = float(double(total.s1) / total.z1 - log(double(total.z1)));
   }
-  p.confidence[r] = conf;
+  const float s = p.selection_temperature ? p.selection_temperature[r] : p.selection_temperature_scalar;
+  p.confidence[r] = perturb_confidence(conf, s, u.confidence);
 }
 
 template <typename T, ConfidenceMode Mode, bool kAligned>
@@ -342,11 +352,11 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sample
   const RowUniforms u = row_uniforms(seed, offset);
   const float inv_t = 1.0f / t;
   if (!(t > 0.0f) || !isfinite(inv_t)) {
-    sample_row<T, Mode, Draw::kGreedy, kAligned>(p, r, 1.0f, u);
-  } else if (t == 1.0f) {
-    sample_row<T, Mode, Draw::kUnitTemperature, kAligned>(p, r, 1.0f, u);
+    sample_row<T, Mode, Draw::kGreedy, kAligned>(p, r, 1.0f, 1.0f, u);
+  } else if (p.tempered_confidence || t == 1.0f) {
+    sample_row<T, Mode, Draw::kUnitTemperature, kAligned>(p, r, 1.0f, p.tempered_confidence ? inv_t : 1.0f, u);
   } else {
-    sample_row<T, Mode, Draw::kTemperature, kAligned>(p, r, inv_t, u);
+    sample_row<T, Mode, Draw::kTemperature, kAligned>(p, r, inv_t, 1.0f, u);
   }
 }
 

@@ -8,14 +8,9 @@ import math
 
 import torch
 
-from dfastllm.ops._extension import (
-    CONFIDENCE_CODES,
-    DTYPE_CODES,
-    _C,
-    check_int64,
-    check_vector,
-    device_args,
-)
+from dfastllm.ops._extension import DTYPE_CODES, _C, check_int64, check_vector, device_args
+from dfastllm.ops.reference import confidence_mode
+from dfastllm.sampling_params import Remasking
 
 
 def sample_tokens(
@@ -24,16 +19,22 @@ def sample_tokens(
     *,
     seed: int | torch.Tensor,
     offset: int | torch.Tensor = 0,
-    confidence: str = "low_confidence",
+    confidence: Remasking | str = Remasking.LOW_CONFIDENCE,
+    tempered: bool = False,
+    selection_temperature: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws one token per row of logits [N, V] (bf16/fp16/fp32, last dim
     contiguous, any row stride).
 
     temperature: float >= 0, or a float32 tensor [N] (<= 0 means greedy).
     seed: int, or int64 tensor [N]. offset: int (row r uses offset + r), or
-    int64 tensor [N]. confidence: "low_confidence", "random", "margin" or
-    "entropy". -> (tokens int64 [N], confidence float32 [N]), on logits'
-    device; no host synchronisation.
+    int64 tensor [N]. confidence: a Remasking member or its lower-case name.
+    tempered: the token and its confidence both from softmax(logits / t)
+    (Dream) rather than the confidence from softmax(logits) (LLaDA).
+    selection_temperature: float >= 0 or a float32 tensor [N]; > 0 adds
+    Gumbel noise to confidence / s (Dream's alg_temp selection).
+    -> (tokens int64 [N], confidence float32 [N]), on logits' device; no host
+    synchronisation.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a 2-D tensor [N, V], got {getattr(logits, 'shape', type(logits))}")
@@ -44,8 +45,7 @@ def sample_tokens(
         raise ValueError("logits must have V > 0 columns, got V = 0")
     if vocab > 1 and logits.stride(1) != 1:
         raise ValueError(f"logits must be contiguous in the last dim, got strides {logits.stride()}")
-    if confidence not in CONFIDENCE_CODES:
-        raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_CODES)}, got {confidence!r}")
+    mode = confidence_mode(confidence)
     device = logits.device
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
     conf = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -72,6 +72,15 @@ def sample_tokens(
         offset_ptr, offset_scalar = offset.data_ptr(), 0
     else:
         offset_ptr, offset_scalar = 0, check_int64("offset", offset)
+    if isinstance(selection_temperature, torch.Tensor):
+        selection_temperature = check_vector("selection_temperature", selection_temperature, n_rows,
+                                             torch.float32, device)
+        selection_ptr, selection_scalar = selection_temperature.data_ptr(), 0.0
+    else:
+        selection_scalar = float(selection_temperature)
+        if not (math.isfinite(selection_scalar) and selection_scalar >= 0.0):
+            raise ValueError(f"selection_temperature must be a finite float >= 0, got {selection_temperature!r}")
+        selection_ptr = 0
 
     _C.sample_tokens(
         **device_args(logits),
@@ -86,7 +95,10 @@ def sample_tokens(
         seed_scalar=seed_scalar,
         offset=offset_ptr,
         offset_scalar=offset_scalar,
-        confidence_mode=CONFIDENCE_CODES[confidence],
+        confidence_mode=int(mode),
+        tempered_confidence=bool(tempered),
+        selection_temperature=selection_ptr,
+        selection_temperature_scalar=selection_scalar,
         tokens=tokens.data_ptr(),
         confidence=conf.data_ptr(),
         num_threads=torch.get_num_threads(),

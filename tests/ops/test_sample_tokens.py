@@ -169,7 +169,8 @@ def _raw_call(**overrides):
     logits = torch.randn(2, 8)
     args = dict(device="cpu", device_index=0, logits=logits.data_ptr(), dtype=0, n_rows=2, vocab=8, row_stride=8,
                 temperature=0, temperature_scalar=1.0, seed=0, seed_scalar=1, offset=0, offset_scalar=0,
-                confidence_mode=0, tokens=out_t.data_ptr(), confidence=out_c.data_ptr(), num_threads=1, stream=0)
+                confidence_mode=0, tempered_confidence=False, selection_temperature=0,
+                selection_temperature_scalar=0.0, tokens=out_t.data_ptr(), confidence=out_c.data_ptr(), num_threads=1, stream=0)
     args.update(overrides)
     _C.sample_tokens(**args)
 
