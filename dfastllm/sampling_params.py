@@ -49,6 +49,18 @@ class DreamAlg(enum.IntEnum):
         return Remasking(self.value)
 
 
+def alg_conflict(alg: DreamAlg | str | None, alg_temp: float | None, threshold: float | None
+                 ) -> tuple[str, str] | None:
+    """(field, message) when Dream's fields contradict each other (the HTTP
+    schema and SamplingParams.validate both ask here)."""
+    alg = DreamAlg[alg.upper()] if isinstance(alg, str) else alg
+    if alg_temp and alg == DreamAlg.ORIGIN:
+        return "alg_temp", "alg_temp ranks cells by confidence; alg origin commits them at random, without one"
+    if threshold is not None and alg not in (None, DreamAlg.MASKGIT_PLUS):
+        return "alg", "threshold decoding ranks by the token's probability: alg must be maskgit_plus or omitted"
+    return None
+
+
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_EPS = 1e-3  # Dream's schedule floor (DreamGenerationConfig.eps)
 # Families whose own published algorithm decodes the whole answer as one
@@ -118,10 +130,9 @@ class SamplingParams:
             raise ValueError(f"alg_temp must be a finite number >= 0, got {self.alg_temp!r}")
         if self.eps is not None and not (0.0 < self.eps < 1.0):
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
-        if self.alg_temp and self.alg == DreamAlg.ORIGIN:
-            raise ValueError("alg_temp ranks cells by confidence; alg origin commits them at random, without one")
-        if self.threshold is not None and self.alg not in (None, DreamAlg.MASKGIT_PLUS):
-            raise ValueError("threshold decoding ranks by the token's probability: alg must be maskgit_plus or omitted")
+        conflict = alg_conflict(self.alg, self.alg_temp, self.threshold)
+        if conflict is not None:
+            raise ValueError(conflict[1])
 
     def decodes_whole_canvas(self, family: str) -> bool:
         """Dream's own algorithm: a Dream model and no block_length."""
