@@ -24,9 +24,10 @@ Semantics shared with the kernels
   "low_confidence" p[token]; "random" u_conf; "margin" p_top1 - p_top2
   (duplicates count: two equal maxima give 0; V = 1 gives 1);
   "entropy" sum p log p (negative entropy, <= 0).
-* tempered=True (Dream's rule): a row with t > 0 is divided by t first,
-  x' = float32(x) * float32(1 / t), and then sampled at temperature 1, so the
-  token and its confidence both come from softmax(logits / t).
+* tempered=True (Dream's rule): for a row with t > 0 the token and its
+  confidence both come from softmax(logits / t), as if the row were
+  logits / t sampled at temperature 1 (t <= 0 stays greedy with the
+  confidence from softmax(logits)).
 * selection_temperature s > 0 (per row; Dream's alg_temp): the confidence
   output becomes float32(confidence / s + g), g = -log(-log(u_conf + 2^-25))
   a Gumbel draw, so that the top n outputs of a sequence are a draw without
@@ -128,10 +129,9 @@ def sample_tokens_reference(
     else:
         offsets = offset + torch.arange(n, dtype=torch.int64, device=device)
     u_sample, u_conf = row_uniforms(seeds, offsets)
-    if tempered:  # x / t in the kernel's float32 steps, then temperature 1
-        inv_t = (1.0 / t.float()).double()
-        scaled = ~(t.isnan() | (t <= 0) | inv_t.isinf())
-        x = torch.where(scaled[:, None], (x.float() * inv_t.float()[:, None]).double(), x)
+    if tempered:  # logits / t at temperature 1
+        scaled = ~(t.isnan() | (t <= 0) | (1.0 / t.float()).isinf())
+        x = torch.where(scaled[:, None], x / torch.where(scaled, t, 1.0)[:, None], x)
         t = torch.where(scaled, 1.0, t)
 
     row_max = x.max(dim=-1).values  # [N]

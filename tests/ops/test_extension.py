@@ -58,3 +58,27 @@ def test_gpu_machines_get_the_cuda_kernels():
     if torch.cuda.is_available() and os.environ.get("DFASTLLM_CPU_ONLY") != "1":
         assert BUILT_WITH_CUDA, "a GPU is present but dfastllm._C was built without CUDA"
     assert isinstance(BUILT_WITH_CUDA, bool)
+
+
+def test_confidence_tables_agree():
+    from dfastllm import _C
+    from dfastllm.sampling_params import Remasking
+
+    assert dict(_C.confidence_modes) == {mode.name.lower(): int(mode) for mode in Remasking}
+
+
+def test_a_drifted_confidence_table_fails_the_import():
+    result = _python(
+        """
+        from dfastllm import _C
+        _C.confidence_modes = {**_C.confidence_modes, "margin": 3, "entropy": 2}
+        try:
+            import dfastllm.ops
+        except ImportError as exc:
+            print("IMPORT-ERROR:", exc)
+        else:
+            print("IMPORTED")
+        """
+    )
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout + result.stderr
+    assert "Remasking" in result.stdout and "rebuild" in result.stdout
