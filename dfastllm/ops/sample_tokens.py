@@ -52,35 +52,13 @@ def sample_tokens(
     if n_rows == 0:
         return tokens, conf
 
-    # Per-row tensors are kept referenced until the launch is queued; the
-    # caching allocator orders their reuse on this stream.
-    if isinstance(temperature, torch.Tensor):
-        temperature = check_vector("temperature", temperature, n_rows, torch.float32, device)
-        temperature_ptr, temperature_scalar = temperature.data_ptr(), 0.0
-    else:
-        temperature_scalar = float(temperature)
-        if not (math.isfinite(temperature_scalar) and temperature_scalar >= 0.0):
-            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
-        temperature_ptr = 0
-    if isinstance(seed, torch.Tensor):
-        seed = check_vector("seed", seed, n_rows, torch.int64, device)
-        seed_ptr, seed_scalar = seed.data_ptr(), 0
-    else:
-        seed_ptr, seed_scalar = 0, check_int64("seed", seed)
-    if isinstance(offset, torch.Tensor):
-        offset = check_vector("offset", offset, n_rows, torch.int64, device)
-        offset_ptr, offset_scalar = offset.data_ptr(), 0
-    else:
-        offset_ptr, offset_scalar = 0, check_int64("offset", offset)
-    if isinstance(selection_temperature, torch.Tensor):
-        selection_temperature = check_vector("selection_temperature", selection_temperature, n_rows,
-                                             torch.float32, device)
-        selection_ptr, selection_scalar = selection_temperature.data_ptr(), 0.0
-    else:
-        selection_scalar = float(selection_temperature)
-        if not (math.isfinite(selection_scalar) and selection_scalar >= 0.0):
-            raise ValueError(f"selection_temperature must be a finite float >= 0, got {selection_temperature!r}")
-        selection_ptr = 0
+    # Per-row tensors (the last of each triple) stay referenced until the
+    # launch is queued; the caching allocator orders their reuse on this stream.
+    temperature_ptr, temperature_scalar, _t = _per_row("temperature", temperature, n_rows, torch.float32, device)
+    seed_ptr, seed_scalar, _s = _per_row("seed", seed, n_rows, torch.int64, device)
+    offset_ptr, offset_scalar, _o = _per_row("offset", offset, n_rows, torch.int64, device)
+    selection_ptr, selection_scalar, _st = _per_row("selection_temperature", selection_temperature, n_rows,
+                                                    torch.float32, device)
 
     _C.sample_tokens(
         **device_args(logits),
@@ -104,3 +82,18 @@ def sample_tokens(
         num_threads=torch.get_num_threads(),
     )
     return tokens, conf
+
+
+def _per_row(name: str, value, n_rows: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """A per-row argument as (pointer, scalar, tensor): a `dtype` tensor
+    [n_rows] gives its pointer; otherwise a scalar (pointer 0), for float32 a
+    finite float >= 0, for int64 an int64 integer."""
+    if isinstance(value, torch.Tensor):
+        value = check_vector(name, value, n_rows, dtype, device)
+        return value.data_ptr(), 0, value
+    if dtype == torch.int64:
+        return 0, check_int64(name, value), None
+    scalar = float(value)
+    if not (math.isfinite(scalar) and scalar >= 0.0):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return 0, scalar, None

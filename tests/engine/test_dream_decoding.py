@@ -129,23 +129,23 @@ def test_filters_and_eps_follow_dream(dream):
             assert (out.token_ids, out.finish_reason) == truncate_at_stop(ref, stop_ids), (alg, ids)
 
 
+def commits_per_step(core: EngineCore) -> list[int]:
+    per_step = []
+    while core.has_unfinished():
+        core.step()
+        per_step.append(core.stats.last_step_tokens_committed)
+    return per_step
+
+
 def test_schedule_counts_and_skipped_steps(dream):
     """Dream's counts per step; the steps that commit nothing run no forward."""
     core = EngineCore(dream)
     core.add_request("x", prompt(4), SamplingParams(max_tokens=20, steps=3, alg="entropy", ignore_eos=True))
-    per_step = []
-    while core.has_unfinished():
-        core.step()
-        per_step.append(core.stats.last_step_tokens_committed)
     # linspace(1, 1e-3, 4) = 1, .667, .334, .001: int(20 * .333) = 6, int(14 * .4995) = 6, then 8.
-    assert per_step == [6, 6, 8]
+    assert commits_per_step(core) == [6, 6, 8]
     core.add_request("y", prompt(4), SamplingParams(max_tokens=4, steps=4, alg="entropy", ignore_eos=True))
-    per_step = []
-    while core.has_unfinished():
-        core.step()
-        per_step.append(core.stats.last_step_tokens_committed)
     # int(4 * .2498) = 0 (skipped: no forward), int(4 * .333) = 1, int(3 * .499) = 1, then 2.
-    assert per_step == [1, 1, 2]
+    assert commits_per_step(core) == [1, 1, 2]
 
 
 def test_block_length_keeps_llada_block_decoding(dream):

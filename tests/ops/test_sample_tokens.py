@@ -34,12 +34,12 @@ def random_seeds(n: int, device: str, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", CONFIDENCE_MODES)
-def test_matches_reference_every_dtype_and_mode(device, dtype, mode, gen):
+@pytest.mark.parametrize("tempered", [False, True], ids=["llada", "tempered"])
+def test_matches_reference_every_dtype_and_mode(device, dtype, mode, tempered, gen):
     logits = make_logits(N, V, dtype, device, gen, pad=ALIGNED_PAD)
     offset = int(torch.randint(0, 2**40, (1,), generator=gen))
-    assert_matches_reference(
-        logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen), offset=offset, confidence=mode
-    )
+    assert_matches_reference(logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen), offset=offset,
+                             confidence=mode, tempered=tempered)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,16 +197,6 @@ def test_cuda_call_on_cpu_only_build_is_a_clear_error():
 
 
 # ---- Dream: tempered confidences and the alg_temp selection ------------------
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", CONFIDENCE_MODES)
-def test_tempered_matches_reference_every_dtype_and_mode(device, dtype, mode, gen):
-    logits = make_logits(N, V, dtype, device, gen, pad=ALIGNED_PAD)
-    assert_matches_reference(logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen),
-                             offset=int(torch.randint(0, 2**40, (1,), generator=gen)), confidence=mode, tempered=True)
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["low_confidence", "margin", "entropy"])
