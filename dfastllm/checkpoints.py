@@ -22,6 +22,8 @@ T = TypeVar("T")
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llada")
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.jinja")
 CONFIG_FILES = ("*.json", "*.jinja")
+# config.json `model_type` -> the family we implement it as.
+MODEL_FAMILIES = {"llada": "llada", "Dream": "dream"}
 
 
 def is_local_path(path: str) -> bool:

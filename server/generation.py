@@ -25,7 +25,7 @@ from dfastllm import tracing
 from dfastllm.engine.client import ErrorEvent, FinishedEvent, TokensEvent
 from dfastllm.ipc.control import EngineState
 from dfastllm.ipc.messages import choice_id
-from dfastllm.sampling_params import SamplingParams
+from dfastllm.sampling_params import WHOLE_CANVAS_FAMILIES, SamplingParams
 from server.errors import InternalError, InvalidRequest, ShuttingDown, Unavailable
 from server.streaming import ChoiceText
 
@@ -303,15 +303,27 @@ def sampling_params(state, request, prompt_tokens: int) -> SamplingParams:
     # Steps and block length a client gave were checked against the max_tokens it
     # asked for (or the default); they only shrink here when the default was clipped.
     steps = request.steps or math.ceil(max_tokens * config.default_steps_per_token)
-    block_length = request.block_length or config.default_block_length
-    return SamplingParams(
+    # An omitted block_length is the server's default, except for a family
+    # whose own algorithm then decodes the whole canvas (Dream).
+    block_length = request.block_length
+    if block_length is None and state.model.family not in WHOLE_CANVAS_FAMILIES:
+        block_length = config.default_block_length
+    params = SamplingParams(
         max_tokens=max_tokens,
         temperature=request.temperature if request.temperature is not None else 0.0,
         top_p=request.top_p if request.top_p is not None else 1.0,
+        top_k=request.top_k if request.top_k not in (None, -1, 0) else None,
         steps=min(steps, max_tokens),
-        block_length=min(block_length, max_tokens),
+        block_length=min(block_length, max_tokens) if block_length is not None else None,
         remasking=request.remasking or "low_confidence",
         threshold=request.threshold,
         seed=request.seed,
         ignore_eos=bool(request.ignore_eos),
+        alg=request.alg,
+        alg_temp=request.alg_temp,
+        eps=request.eps,
     )
+    conflict = params.family_conflict(state.model.family)
+    if conflict is not None:
+        raise InvalidRequest(conflict[1], param=conflict[0])
+    return params

@@ -27,6 +27,7 @@ import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from dfastllm.sampling_params import alg_conflict
 from server.errors import ApiError, InvalidRequest, NotFound, clip
 
 MAX_N = 8
@@ -188,6 +189,16 @@ class _Generation(_Strict):
     block_length: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     remasking: Literal["low_confidence", "random"] | None = None
     threshold: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    # vLLM's top_k (-1 or 0: all tokens), and Dream's diffusion_generate()
+    # arguments, for a Dream model with block_length omitted.
+    top_k: Annotated[int, Field(ge=-1, description="keep the k most likely tokens; -1 or 0: all")] | None = None
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
+        None, description="Dream's own decoding (a Dream model, block_length omitted): which confidence picks the "
+                          "cells to commit; default entropy, maskgit_plus with threshold")
+    alg_temp: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = Field(
+        None, description="Dream: > 0 draws the cells from softmax(confidence / alg_temp) instead of the top ones")
+    eps: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
+        None, description="Dream: the schedule's last timestep, linspace(1, eps, steps + 1); default 0.001")
     # vLLM extension: generate exactly max_tokens (benchmarks).
     ignore_eos: bool | None = False
 
@@ -215,6 +226,9 @@ class _Generation(_Strict):
             if value is not None and value > max_tokens:
                 raise PydanticCustomError("invalid_value", "{name} must be <= max_tokens ({max_tokens}), got {value}",
                                           {"name": name, "max_tokens": max_tokens, "value": value})
+        conflict = alg_conflict(self.alg, self.alg_temp, self.threshold)
+        if conflict is not None:
+            raise PydanticCustomError("invalid_value", "{message}", {"name": conflict[0], "message": conflict[1]})
         return self
 
     @property

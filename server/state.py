@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-from dfastllm.checkpoints import CONFIG_FILES, DEFAULT_MODEL_DIR, resolve_checkpoint
+from dfastllm.checkpoints import CONFIG_FILES, DEFAULT_MODEL_DIR, MODEL_FAMILIES, resolve_checkpoint
 from dfastllm.config import ServerConfig
 from server.metrics import HttpMetrics
 from server.schemas import Limits
@@ -26,6 +26,7 @@ class ServedModel:
     name: str  # what clients send as `model`
     path: str  # the checkpoint directory
     max_model_len: int  # prompt + max_tokens limit
+    family: str = "llada"  # which decoding algorithms apply (sampling_params.py)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -40,7 +41,8 @@ class ServedModel:
         if not model_len:
             raise ValueError(f"{path}/config.json names no maximum sequence length; set --max-model-len")
         name = config.served_model_name or os.path.basename(os.path.normpath(path))
-        return cls(name=name, path=path, max_model_len=int(model_len))
+        family = MODEL_FAMILIES.get(hf_config.get("model_type"), "llada")  # the engine refuses unknown types
+        return cls(name=name, path=path, max_model_len=int(model_len), family=family)
 
 
 @dataclasses.dataclass

@@ -69,7 +69,8 @@ size_t dtype_size(int dtype) { return dtype == int(DType::kFloat32) ? 4 : 2; }
 void sample_tokens(const std::string& device, int device_index, uintptr_t logits, int dtype,
                    int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t temperature,
                    double temperature_scalar, uintptr_t seed, int64_t seed_scalar, uintptr_t offset,
-                   int64_t offset_scalar, int confidence_mode, uintptr_t tokens,
+                   int64_t offset_scalar, int confidence_mode, bool tempered_confidence,
+                   uintptr_t selection_temperature, double selection_temperature_scalar, uintptr_t tokens,
                    uintptr_t confidence, int num_threads, uintptr_t stream) {
   constexpr const char* op = "sample_tokens";
   const Device dev = parse_device(device, device_index, op);
@@ -78,8 +79,8 @@ void sample_tokens(const std::string& device, int device_index, uintptr_t logits
   require(vocab > 0, op, "vocab", "must be > 0, got ", vocab);
   // Rows may overlap (stride 0 broadcasts one row): the kernel only reads them.
   require(row_stride >= 0, op, "row_stride", "must be >= 0, got ", row_stride);
-  require(confidence_mode >= 0 && confidence_mode <= 3, op, "confidence_mode",
-          "must be 0 (low_confidence), 1 (random), 2 (margin) or 3 (entropy), got ", confidence_mode);
+  require(confidence_mode >= 0 && confidence_mode < kNumConfidenceModes, op, "confidence_mode",
+          "must be a code of _C.confidence_modes (0 to ", kNumConfidenceModes - 1, "), got ", confidence_mode);
   require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
   const bool any = n_rows > 0;
   require_pointer(logits, dtype_size(dtype), any, op, "logits");
@@ -88,6 +89,10 @@ void sample_tokens(const std::string& device, int device_index, uintptr_t logits
   require(temperature % 4 == 0, op, "temperature", "pointer must be 4-byte aligned (or 0 for the scalar)");
   require(seed % 8 == 0, op, "seed", "pointer must be 8-byte aligned (or 0 for the scalar)");
   require(offset % 8 == 0, op, "offset", "pointer must be 8-byte aligned (or 0 for the scalar)");
+  require(selection_temperature % 4 == 0, op, "selection_temperature",
+          "pointer must be 4-byte aligned (or 0 for the scalar)");
+  require(selection_temperature != 0 || selection_temperature_scalar >= 0.0, op, "selection_temperature_scalar",
+          "must be >= 0, got ", selection_temperature_scalar);
   if (!any) return;
 
   SampleTokensParams p{};
@@ -103,6 +108,9 @@ void sample_tokens(const std::string& device, int device_index, uintptr_t logits
   p.offset = reinterpret_cast<const int64_t*>(offset);
   p.offset_scalar = offset_scalar;
   p.confidence_mode = ConfidenceMode(confidence_mode);
+  p.tempered_confidence = tempered_confidence;
+  p.selection_temperature = reinterpret_cast<const float*>(selection_temperature);
+  p.selection_temperature_scalar = float(selection_temperature_scalar);
   p.tokens = reinterpret_cast<int64_t*>(tokens);
   p.confidence = reinterpret_cast<float*>(confidence);
   p.num_threads = num_threads;
@@ -173,11 +181,15 @@ void commit_tokens(const std::string& device, int device_index, uintptr_t canvas
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dfastllm fused kernels; call them through dfastllm.ops, which passes checked pointers";
   m.attr("with_cuda") = kWithCuda;
+  py::dict confidence_modes;
+  for (int code = 0; code < kNumConfidenceModes; ++code) confidence_modes[kConfidenceModeNames[code]] = code;
+  m.attr("confidence_modes") = confidence_modes;
 
   m.def("sample_tokens", &sample_tokens, py::kw_only(), py::arg("device"), py::arg("device_index"),
         py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"),
         py::arg("temperature"), py::arg("temperature_scalar"), py::arg("seed"), py::arg("seed_scalar"),
-        py::arg("offset"), py::arg("offset_scalar"), py::arg("confidence_mode"), py::arg("tokens"),
+        py::arg("offset"), py::arg("offset_scalar"), py::arg("confidence_mode"), py::arg("tempered_confidence"),
+        py::arg("selection_temperature"), py::arg("selection_temperature_scalar"), py::arg("tokens"),
         py::arg("confidence"), py::arg("num_threads"), py::arg("stream"),
         "Fills tokens/confidence for n_rows logits rows (pointers as ints, 0 = use the scalar).");
 

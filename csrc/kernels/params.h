@@ -10,8 +10,13 @@ namespace dfastllm {
 // Codes shared with dfastllm/ops/_extension.py.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Same order as dfastllm.sampling_params.Remasking.
+// The confidence table of C++: codes here, names by code below. The extension
+// exports it (`_C.confidence_modes`) and dfastllm/ops/_extension.py refuses to
+// import when it differs from dfastllm.sampling_params.Remasking, the table of
+// Python.
 enum class ConfidenceMode : int { kLowConfidence = 0, kRandom = 1, kMargin = 2, kEntropy = 3 };
+inline constexpr const char* kConfidenceModeNames[] = {"low_confidence", "random", "margin", "entropy"};
+inline constexpr int kNumConfidenceModes = int(sizeof(kConfidenceModeNames) / sizeof(kConfidenceModeNames[0]));
 
 struct SampleTokensParams {
   const void* logits;  // [n_rows, vocab], element (r, c) at r * row_stride + c
@@ -30,6 +35,17 @@ struct SampleTokensParams {
   int64_t offset_scalar;
 
   ConfidenceMode confidence_mode;
+  // false (LLaDA): the confidence comes from softmax(logits), whatever the
+  // temperature. true (Dream): the row is divided by its temperature first
+  // (when t > 0), and the token and its confidence both come from
+  // softmax(logits / t).
+  bool tempered_confidence;
+  // Per row, like temperature (Dream's alg_temp): when > 0 the confidence
+  // output is confidence / s + Gumbel noise drawn from the row's u_conf, so
+  // that the top n of the outputs are a draw without replacement from
+  // softmax(confidence / s).
+  const float* selection_temperature;
+  float selection_temperature_scalar;
   int64_t* tokens;    // [n_rows] out
   float* confidence;  // [n_rows] out
 

@@ -4,6 +4,7 @@
 // dfastllm/ops/reference.py bit for bit.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -49,4 +50,15 @@ DFASTLLM_HOST_DEVICE RowUniforms row_uniforms(int64_t seed, int64_t offset) {
   return RowUniforms{double(bits53) * 0x1p-53, float(r.x[2] >> 8) * 0x1p-24f};
 }
 
+
+// Gumbel(0, 1) noise from a row's 24-bit confidence uniform, taken at the
+// middle of its bin so that the argument lies strictly inside (0, 1).
+DFASTLLM_HOST_DEVICE double gumbel_from_uniform(float u) { return -log(-log(double(u) + 0x1p-25)); }
+
+// The confidence output of a row with selection temperature s > 0 (else the
+// confidence itself): adding Gumbel noise to confidence / s makes "the top n"
+// a draw of n without replacement from softmax(confidence / s).
+DFASTLLM_HOST_DEVICE float perturb_confidence(float confidence, float s, float u) {
+  return s > 0.0f ? float(double(confidence) / s + gumbel_from_uniform(u)) : confidence;
+}
 }  // namespace dfastllm

@@ -6,6 +6,10 @@
 // (online softmax). Each chunk keeps the sum of exp((x - max)/t) it saw, so
 // the inverse-CDF draw for t > 0 walks the chunk sums and rescans a single
 // chunk: one uniform per row instead of one Gumbel per column, and exact.
+// A tempered-confidence row (Dream) takes its confidence, and its draw,
+// from softmax(x / t): every difference x - max that feeds the confidence
+// sums is multiplied by `cinv_` (1 / t there, else 1). Scaling differences,
+// never the logits, keeps the max's own term at exactly exp(0) = 1.
 // Semantics: dfastllm/ops/reference.py.
 #include <algorithm>
 #include <cmath>
@@ -32,14 +36,15 @@ struct ChunkSum {
   float sum;
 };
 
-// Row-level accumulators of the online softmax at temperature 1.
+// Row-level accumulators of the online softmax of the confidence
+// (temperature 1, or t for a tempered row).
 struct RowTotals {
   float max = kNegInf;
   int64_t argmax = 0;      // greedy: first index of max
   float top1 = kNegInf;    // margin: the two largest logits (duplicates count)
   float top2 = kNegInf;
-  double z1 = 0.0;         // sum exp(x - max)
-  double s1 = 0.0;         // entropy: sum exp(x - max) * (x - max)
+  double z1 = 0.0;         // sum exp(d), d = (x - max) * cinv
+  double s1 = 0.0;         // entropy: sum exp(d) * d
 
   void push_top2(float v) {
     if (v > top1) {
@@ -51,8 +56,9 @@ struct RowTotals {
   }
 };
 
-// How a row is sampled: greedy argmax, t == 1 (sampling shares the
-// confidence exps), or any other t > 0 (a second exp per column).
+// How a row is sampled: greedy argmax, from the confidence's own
+// distribution (t == 1, or a tempered row: sampling shares the confidence
+// exps), or at another t > 0 (a second exp per column).
 enum class Draw { kGreedy, kUnitTemperature, kTemperature };
 
 template <typename T, ConfidenceMode Mode, Draw D>
@@ -63,8 +69,10 @@ class RowSampler {
   static constexpr bool kNeedZt = D == Draw::kTemperature;
 
  public:
-  RowSampler(const T* row, int64_t vocab, float inv_t, ChunkSum* chunks)
-      : row_(row), vocab_(vocab), inv_t_(inv_t), chunks_(chunks) {}
+  // inv_t: the inverse temperature of the draw; cinv: of the confidence
+  // (equal under kUnitTemperature).
+  RowSampler(const T* row, int64_t vocab, float inv_t, float cinv, ChunkSum* chunks)
+      : row_(row), vocab_(vocab), inv_t_(inv_t), cinv_(cinv), chunks_(chunks) {}
 
   void run(const RowUniforms& u, int64_t* token, float* confidence) {
     for (int64_t start = 0, c = 0; start < vocab_; start += kChunk, ++c) {
@@ -130,7 +138,7 @@ class RowSampler {
     const float old_max = totals_.max;
     if (chunk_max > old_max) {
       if (totals_.z1 > 0.0) {
-        const double shift = double(old_max) - double(chunk_max);
+        const double shift = (double(old_max) - double(chunk_max)) * cinv_;
         const double factor = std::exp(shift);
         totals_.s1 = factor * (totals_.s1 + shift * totals_.z1);
         totals_.z1 *= factor;
@@ -151,12 +159,12 @@ class RowSampler {
   ChunkSum accumulate_exps(int64_t start, int64_t len) {
     const float max = totals_.max;
     if (max == kNegInf || !(kNeedZ1 || kNeedZt)) return ChunkSum{max, 0.0f};
-    const VecF vmax = splat(max), vinv_t = splat(inv_t_);
+    const VecF vmax = splat(max), vinv_t = splat(inv_t_), vcinv = splat(cinv_);
     VecF z1[2] = {}, s1[2] = {}, zt[2] = {};  // two streams, as in scan_max
     auto add = [&](int k, VecF x) {
       const VecF d = x - vmax;
       if constexpr (kNeedZ1) {
-        const VecF d1 = clamp_exp_arg(d);
+        const VecF d1 = clamp_exp_arg(d * vcinv);
         const VecF e1 = exp_nonpositive(d1);
         z1[k] += e1;
         if constexpr (Mode == ConfidenceMode::kEntropy) s1[k] += e1 * d1;
@@ -204,7 +212,7 @@ class RowSampler {
     int64_t last_positive = -1;
     for (int64_t i = start; i < end; i += kLanes) {
       const VecF d = load_at(i, end) - vmax;
-      const VecF e = exp_nonpositive(clamp_exp_arg(D == Draw::kTemperature ? d * vinv_t : d));
+      const VecF e = exp_nonpositive(clamp_exp_arg(d * vinv_t));
       const float vector_mass = reduce_add(e);
       if (vector_mass <= 0.0f) continue;
       if (run + vector_mass <= residual) {  // the common case: the target lies further on
@@ -240,11 +248,11 @@ class RowSampler {
   float confidence_of(int64_t tok, const RowUniforms& u) const {
     switch (Mode) {
       case ConfidenceMode::kLowConfidence:
-        return float(std::exp(double(to_float(row_[tok])) - totals_.max) / totals_.z1);
+        return float(std::exp((double(to_float(row_[tok])) - totals_.max) * cinv_) / totals_.z1);
       case ConfidenceMode::kRandom:
         return u.confidence;
       case ConfidenceMode::kMargin:
-        return float((1.0 - std::exp(double(totals_.top2) - totals_.top1)) / totals_.z1);
+        return float((1.0 - std::exp((double(totals_.top2) - totals_.top1) * cinv_)) / totals_.z1);
       case ConfidenceMode::kEntropy:
         return float(totals_.s1 / totals_.z1 - std::log(totals_.z1));
     }
@@ -254,6 +262,7 @@ class RowSampler {
   const T* row_;
   int64_t vocab_;
   float inv_t_;
+  float cinv_;
   ChunkSum* chunks_;
   RowTotals totals_;
 };
@@ -268,15 +277,17 @@ void sample_rows(const SampleTokensParams& p, int64_t begin, int64_t end, ChunkS
     const RowUniforms u = row_uniforms(seed, offset);
     const float inv_t = 1.0f / t;
     if (!(t > 0.0f) || !std::isfinite(inv_t)) {  // t <= 0, NaN, or too small to divide by
-      RowSampler<T, Mode, Draw::kGreedy>(row, p.vocab, 1.0f, chunks)
+      RowSampler<T, Mode, Draw::kGreedy>(row, p.vocab, 1.0f, 1.0f, chunks)
           .run(u, p.tokens + r, p.confidence + r);
-    } else if (t == 1.0f) {
-      RowSampler<T, Mode, Draw::kUnitTemperature>(row, p.vocab, 1.0f, chunks)
+    } else if (t == 1.0f || p.tempered_confidence) {
+      RowSampler<T, Mode, Draw::kUnitTemperature>(row, p.vocab, inv_t, inv_t, chunks)
           .run(u, p.tokens + r, p.confidence + r);
     } else {
-      RowSampler<T, Mode, Draw::kTemperature>(row, p.vocab, inv_t, chunks)
+      RowSampler<T, Mode, Draw::kTemperature>(row, p.vocab, inv_t, 1.0f, chunks)
           .run(u, p.tokens + r, p.confidence + r);
     }
+    const float s = p.selection_temperature ? p.selection_temperature[r] : p.selection_temperature_scalar;
+    p.confidence[r] = perturb_confidence(p.confidence[r], s, u.confidence);
   }
 }
 

@@ -8,7 +8,11 @@
 // Warp shuffles and shared memory merge the states. For t > 0 a prefix sum
 // over the segments' masses finds the segment holding u * total, and the whole block
 // rescans only that segment (1/kWarps of the row, mostly from L2) with a
-// block prefix sum. Semantics: dfastllm/ops/reference.py.
+// block prefix sum. A tempered-confidence row (Dream) takes its confidence,
+// and its draw, from softmax(x / t): the differences x - m that feed the
+// confidence sums are multiplied by `cinv` (1 / t there, else 1), never the
+// logits themselves, so the max's own term stays exactly exp(0) = 1.
+// Semantics: dfastllm/ops/reference.py.
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -31,29 +35,30 @@ enum class Draw { kGreedy, kUnitTemperature, kTemperature };
 // Online softmax state over some columns; sums are relative to m.
 struct RowState {
   float m = kNegInf;
-  float z1 = 0.0f;  // sum exp(x - m)
-  float zt = 0.0f;  // sum exp((x - m) / t), t != 1 only
-  float s1 = 0.0f;  // sum exp(x - m) * (x - m), entropy only
+  float z1 = 0.0f;  // sum exp(d), d = (x - m) * cinv: the confidence's distribution
+  float zt = 0.0f;  // sum exp((x - m) / t), a draw at another t only
+  float s1 = 0.0f;  // sum exp(d) * d, entropy only
   float top1 = kNegInf, top2 = kNegInf;  // margin only
   long long idx = LLONG_MAX;             // first column holding m
 
   // Re-expresses the sums against a larger max.
-  __device__ __forceinline__ void raise_max(float new_m, float inv_t) {
+  __device__ __forceinline__ void raise_max(float new_m, float inv_t, float cinv) {
     const float delta = m == kNegInf ? 0.0f : m - new_m;  // sums are 0 while m is -inf
-    const float scale = ex2_approx(delta * kLog2e);
-    s1 = scale * (s1 + delta * z1);
+    const float cdelta = delta * cinv;
+    const float scale = ex2_approx(cdelta * kLog2e);
+    s1 = scale * (s1 + cdelta * z1);
     z1 *= scale;
     zt *= ex2_approx(delta * inv_t * kLog2e);
     m = new_m;
   }
 
-  __device__ __forceinline__ void merge(const RowState& o, float inv_t) {
+  __device__ __forceinline__ void merge(const RowState& o, float inv_t, float cinv) {
     const bool take_idx = o.m > m || (o.m == m && o.idx < idx);
     const float new_m = fmaxf(m, o.m);
     RowState a = *this, b = o;
     if (new_m != kNegInf) {
-      a.raise_max(new_m, inv_t);
-      b.raise_max(new_m, inv_t);
+      a.raise_max(new_m, inv_t, cinv);
+      b.raise_max(new_m, inv_t, cinv);
     }
     z1 = a.z1 + b.z1;
     zt = a.zt + b.zt;
@@ -65,7 +70,7 @@ struct RowState {
     top2 = fmaxf(lo, fmaxf(top2, o.top2));
   }
 
-  __device__ __forceinline__ void shuffle_merge(int lane_mask, float inv_t) {
+  __device__ __forceinline__ void shuffle_merge(int lane_mask, float inv_t, float cinv) {
     RowState o;
     o.m = __shfl_xor_sync(0xffffffffu, m, lane_mask);
     o.z1 = __shfl_xor_sync(0xffffffffu, z1, lane_mask);
@@ -74,7 +79,7 @@ struct RowState {
     o.top1 = __shfl_xor_sync(0xffffffffu, top1, lane_mask);
     o.top2 = __shfl_xor_sync(0xffffffffu, top2, lane_mask);
     o.idx = __shfl_xor_sync(0xffffffffu, idx, lane_mask);
-    merge(o, inv_t);
+    merge(o, inv_t, cinv);
   }
 };
 
@@ -86,7 +91,7 @@ struct Needs {
 
 // Folds kN consecutive columns starting at `col` into the thread's state.
 template <ConfidenceMode Mode, Draw D, int kN>
-__device__ __forceinline__ void consume(const float* x, long long col, float inv_t, RowState& st) {
+__device__ __forceinline__ void consume(const float* x, long long col, float inv_t, float cinv, RowState& st) {
   float local_max = kNegInf;
   int local_idx = 0;
 #pragma unroll
@@ -94,14 +99,14 @@ __device__ __forceinline__ void consume(const float* x, long long col, float inv
     if (x[j] > local_max) local_max = x[j], local_idx = j;  // NaN never wins
   }
   if (local_max > st.m) {
-    st.raise_max(local_max, inv_t);
+    st.raise_max(local_max, inv_t, cinv);
     st.idx = col + local_idx;
   }
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     const float d = x[j] - st.m;
     if constexpr (Needs<Mode, D>::kZ1) {
-      const float d1 = fmaxf(d, kExpFloor);
+      const float d1 = fmaxf(d * cinv, kExpFloor);
       const float e = ex2_approx(d1 * kLog2e);
       st.z1 += e;
       if constexpr (Mode == ConfidenceMode::kEntropy) st.s1 += e * d1;
@@ -120,7 +125,7 @@ __device__ __forceinline__ void consume(const float* x, long long col, float inv
 
 // One warp streams columns [begin, end) of the row (begin is a multiple of kVec).
 template <typename T, ConfidenceMode Mode, Draw D, bool kAligned>
-__device__ void scan_segment(const T* row, long long begin, long long end, float inv_t, RowState& st) {
+__device__ void scan_segment(const T* row, long long begin, long long end, float inv_t, float cinv, RowState& st) {
   constexpr int kVec = kVecElems<T>;
   const int lane = threadIdx.x & 31;
   const long long n_vec = (end - begin) / kVec;
@@ -138,12 +143,12 @@ __device__ void scan_segment(const T* row, long long begin, long long end, float
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      consume<Mode, D, kVec>(x[u], begin + (v0 + u * 32 + lane) * kVec, inv_t, st);
+      consume<Mode, D, kVec>(x[u], begin + (v0 + u * 32 + lane) * kVec, inv_t, cinv, st);
     }
   }
   for (long long c = begin + n_vec * kVec + lane; c < end; c += 32) {
     const float x = to_float(row[c]);
-    consume<Mode, D, 1>(&x, c, inv_t, st);
+    consume<Mode, D, 1>(&x, c, inv_t, cinv, st);
   }
 }
 
@@ -210,7 +215,7 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
   const long long per_thread = ((len + kThreads - 1) / kThreads + kVec - 1) / kVec * kVec;
   const long long lo = plan.begin + min(len, per_thread * threadIdx.x);
   const long long hi = plan.begin + min(len, per_thread * (threadIdx.x + 1));
-  auto mass = [&](float x) { return exp_clamped(D == Draw::kTemperature ? (x - row_max) * inv_t : x - row_max); };
+  auto mass = [&](float x) { return exp_clamped((x - row_max) * inv_t); };
   float sum = 0.0f;
   long long last_positive = -1;
   for (long long c = lo; c < hi; c += kVec) {
@@ -256,8 +261,10 @@ __device__ long long draw_in_segment(const T* row, const DrawPlan& plan, float r
   return best >= 0 ? best : argmax;
 }
 
+// inv_t: the inverse temperature of the draw; cinv: of the confidence
+// (equal under kUnitTemperature).
 template <typename T, ConfidenceMode Mode, Draw D, bool kAligned>
-__device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t, const RowUniforms& u) {
+__device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t, float cinv, const RowUniforms& u) {
   __shared__ RowState warp_states[kWarps];
   __shared__ RowState row_state;
   __shared__ DrawPlan plan;
@@ -269,15 +276,15 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   const long long seg_end = min((long long)p.vocab, seg_begin + seg);
 
   RowState st;
-  scan_segment<T, Mode, D, kAligned>(row, seg_begin, seg_end, inv_t, st);
+  scan_segment<T, Mode, D, kAligned>(row, seg_begin, seg_end, inv_t, cinv, st);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) st.shuffle_merge(o, inv_t);
+  for (int o = 16; o > 0; o >>= 1) st.shuffle_merge(o, inv_t, cinv);
   if (lane == 0) warp_states[warp] = st;
   __syncthreads();
   if (warp == 0) {
     RowState w = lane < kWarps ? warp_states[lane] : RowState{};
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) w.shuffle_merge(o, inv_t);
+    for (int o = 16; o > 0; o >>= 1) w.shuffle_merge(o, inv_t, cinv);
     if (lane == 0) row_state = w;
     if (D != Draw::kGreedy && w.m != kNegInf) {
       // The segment holding u * total: lane i takes segment i's mass (against
@@ -310,7 +317,9 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   if (total.m == kNegInf) {  // no finite logit
     if (threadIdx.x == 0) {
       p.tokens[r] = 0;
-      p.confidence[r] = Mode == ConfidenceMode::kRandom ? u.confidence : __int_as_float(0x7fc00000);
+      const float s = p.selection_temperature ? p.selection_temperature[r] : p.selection_temperature_scalar;
+      p.confidence[r] = perturb_confidence(Mode == ConfidenceMode::kRandom ? u.confidence : __int_as_float(0x7fc00000),
+                                           s, u.confidence);
     }
     return;
   }
@@ -322,15 +331,16 @@ __device__ void sample_row(const SampleTokensParams& p, long long r, float inv_t
   p.tokens[r] = token;
   float conf = 0.0f;
   if constexpr (Mode == ConfidenceMode::kLowConfidence) {
-    conf = float(exp(double(to_float(row[token])) - total.m) / total.z1);
+    conf = float(exp((double(to_float(row[token])) - total.m) * cinv) / total.z1);
   } else if constexpr (Mode == ConfidenceMode::kRandom) {
     conf = u.confidence;
   } else if constexpr (Mode == ConfidenceMode::kMargin) {
-    conf = float((1.0 - exp(double(total.top2) - total.top1)) / total.z1);
+    conf = float((1.0 - exp((double(total.top2) - total.top1) * cinv)) / total.z1);
   } else {
     conf = float(double(total.s1) / total.z1 - log(double(total.z1)));
   }
-  p.confidence[r] = conf;
+  const float s = p.selection_temperature ? p.selection_temperature[r] : p.selection_temperature_scalar;
+  p.confidence[r] = perturb_confidence(conf, s, u.confidence);
 }
 
 template <typename T, ConfidenceMode Mode, bool kAligned>
@@ -342,11 +352,11 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sample
   const RowUniforms u = row_uniforms(seed, offset);
   const float inv_t = 1.0f / t;
   if (!(t > 0.0f) || !isfinite(inv_t)) {
-    sample_row<T, Mode, Draw::kGreedy, kAligned>(p, r, 1.0f, u);
-  } else if (t == 1.0f) {
-    sample_row<T, Mode, Draw::kUnitTemperature, kAligned>(p, r, 1.0f, u);
+    sample_row<T, Mode, Draw::kGreedy, kAligned>(p, r, 1.0f, 1.0f, u);
+  } else if (t == 1.0f || p.tempered_confidence) {
+    sample_row<T, Mode, Draw::kUnitTemperature, kAligned>(p, r, inv_t, inv_t, u);
   } else {
-    sample_row<T, Mode, Draw::kTemperature, kAligned>(p, r, inv_t, u);
+    sample_row<T, Mode, Draw::kTemperature, kAligned>(p, r, inv_t, 1.0f, u);
   }
 }
 

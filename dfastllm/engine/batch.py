@@ -31,6 +31,7 @@ import torch
 
 from dfastllm.engine.kv_cache import COLUMN_ALIGN, round_up
 from dfastllm.engine.request import Request
+from dfastllm.engine.sampler import SamplingInputs, SamplingPlan
 
 
 @dataclasses.dataclass
@@ -47,14 +48,7 @@ class StepBatch:
     cand_rows: torch.Tensor  # [N] batch row
     cand_positions: torch.Tensor  # [N] canvas position
     cand_offsets: torch.Tensor  # [B+1] int32
-    temperature: torch.Tensor  # [N] float32
-    seed: torch.Tensor  # [N] int64
-    rng_offset: torch.Tensor  # [N] int64, unique per (request step, position)
-    commit_k: torch.Tensor  # [B] int32 (top-k mode)
-    threshold: torch.Tensor  # [B] float32 (> 0: threshold mode)
-    top_p_rows: torch.Tensor | None  # candidates to nucleus-filter
-    top_p_values: torch.Tensor | None
-    mode_rows: dict[str, torch.Tensor | None]  # confidence mode -> its candidates (None: all)
+    sampling: SamplingInputs  # what the sampler needs per candidate and per row
     # Host copies for reading the step's result back.
     host_positions: np.ndarray  # [N]
     host_offsets: list[int]  # [B+1]
@@ -91,29 +85,12 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     cand_pos = np.concatenate(positions)
     cand_rows = np.repeat(np.arange(n_rows, dtype=np.int64), counts)
     hidden_index = cand_rows * width + (cand_pos - logits_shift - q_start[cand_rows])
-    seeds = np.repeat(np.array([r.seed for r in requests], dtype=np.int64), counts)
-    steps_done = np.repeat(np.array([r.num_steps for r in requests], dtype=np.int64), counts)
-    rng_offset = steps_done * lengths[cand_rows] + cand_pos
-    commit_k = np.array([0 if r.threshold > 0 else r.commit_count() for r in requests], dtype=np.int64)
+    sampling = SamplingPlan(requests, counts, cand_pos, lengths)
 
-    modes = [r.params.remasking.kernel_name for r in requests]
-    distinct = sorted(set(modes))
-    mode_index = {}
-    if len(distinct) > 1:
-        row_mode = np.repeat(np.array([distinct.index(m) for m in modes]), counts)
-        mode_index = {m: np.flatnonzero(row_mode == j) for j, m in enumerate(distinct)}
-    top_p = np.repeat(np.array([r.params.top_p for r in requests], dtype=np.float32), counts)
-    top_p_rows = np.flatnonzero(top_p < 1.0)
-
-    ints = [query_pos.ravel(), cache_pos.ravel(), hidden_index, cand_rows, cand_pos, seeds, rng_offset,
-            offsets, commit_k, lengths, top_p_rows, *mode_index.values()]
-    floats = [np.repeat(np.array([r.params.temperature for r in requests], dtype=np.float32), counts),
-              np.array([r.threshold for r in requests], dtype=np.float32), top_p[top_p_rows]]
-    int_parts = _upload(ints, np.int64, device)
-    float_parts = _upload(floats, np.float32, device)
-    (query_pos_t, cache_pos_t, hidden_index_t, cand_rows_t, cand_pos_t, seeds_t, rng_offset_t,
-     offsets_t, commit_k_t, lengths_t, top_p_rows_t, *mode_rows_t) = int_parts
-    temperature_t, threshold_t, top_p_t = float_parts
+    ints = [query_pos.ravel(), cache_pos.ravel(), hidden_index, cand_rows, cand_pos, offsets, lengths]
+    int_parts = _upload(ints + sampling.ints, np.int64, device)
+    float_parts = _upload(sampling.floats, np.float32, device)
+    (query_pos_t, cache_pos_t, hidden_index_t, cand_rows_t, cand_pos_t, offsets_t, lengths_t) = int_parts[:len(ints)]
 
     query_pos_t = query_pos_t.view(n_rows, width)
     input_ids = canvas[:n_rows].gather(1, query_pos_t)
@@ -126,10 +103,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
         rows=n_rows, input_ids=input_ids, position_ids=query_pos_t, attn_mask=attn_mask,
         cache_positions=cache_pos_t.view(n_rows, width) if cached else None, cache_columns=cache_columns,
         full_rows=sum(full), hidden_index=hidden_index_t, cand_rows=cand_rows_t, cand_positions=cand_pos_t,
-        cand_offsets=offsets_t.to(torch.int32), temperature=temperature_t, seed=seeds_t,
-        rng_offset=rng_offset_t, commit_k=commit_k_t.to(torch.int32), threshold=threshold_t,
-        top_p_rows=top_p_rows_t if top_p_rows.size else None, top_p_values=top_p_t if top_p_rows.size else None,
-        mode_rows=dict(zip(mode_index, mode_rows_t)) if mode_index else {distinct[0]: None},
+        cand_offsets=offsets_t.to(torch.int32), sampling=sampling.on_device(int_parts[len(ints):], float_parts),
         host_positions=cand_pos, host_offsets=offsets.tolist(),
     )
 

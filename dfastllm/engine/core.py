@@ -121,6 +121,9 @@ class EngineCore:
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         params.validate()
+        conflict = params.family_conflict(self.loaded.family)
+        if conflict is not None:
+            raise ValueError(conflict[1])
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
@@ -134,7 +137,8 @@ class EngineCore:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos_ids)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         self.scheduler.add(Request(request_id, prompt_ids, params, seed=seed, mask_id=self.mask_id,
-                                   stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic()))
+                                   stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic(),
+                                   family=self.loaded.family))
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request at once (its row is free for the

@@ -12,8 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from dfastllm.engine.sampler import num_transfer_tokens, split_steps
-from dfastllm.sampling_params import SamplingParams
+from dfastllm.engine.sampler import dream_commit_count, dream_transfer_ratios, num_transfer_tokens, split_steps
+from dfastllm.sampling_params import DEFAULT_EPS, DreamAlg, SamplingParams
 
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
@@ -39,10 +39,14 @@ class Request:
     """A request from admission to its final output.
 
     Positions: the canvas is prompt (P tokens) + max_tokens masks; generation
-    index g is canvas position P + g. Blocks cover the generation in order."""
+    index g is canvas position P + g. Blocks cover the generation in order;
+    under Dream's own decoding (`whole_canvas`) one block covers all of it.
+    `family` is the model's ("llada", "dream"): with the params it decides
+    the algorithm (sampler.py)."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, seed: int,
-                 mask_id: int, stop_ids: frozenset[int], deadline: float | None, arrival: float):
+                 mask_id: int, stop_ids: frozenset[int], deadline: float | None, arrival: float,
+                 family: str = "llada"):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -56,13 +60,25 @@ class Request:
         self.prompt_len = len(prompt_ids)
         self.gen_len = params.max_tokens
         self.canvas_len = self.prompt_len + self.gen_len
-        size = params.effective_block_length
+        self.whole_canvas = params.decodes_whole_canvas(family)
+        size = self.gen_len if self.whole_canvas else params.effective_block_length
         self.block_starts = list(range(0, self.gen_len, size))  # generation indices
         self.block_sizes = [min(size, self.gen_len - s) for s in self.block_starts]
         self.block_steps = split_steps(params.effective_steps, self.block_sizes)
         # The sampler compares in float32, where a threshold under its smallest
         # positive value would read as 0 (top-k mode with k = 0: no commit ever).
         self.threshold = max(params.threshold, FLOAT32_TINY) if params.threshold else 0.0
+        # What the sampling kernel is asked for: the confidence, whether it is
+        # taken at the temperature (Dream) and Dream's alg_temp.
+        alg = params.effective_alg
+        self.confidence = alg.confidence if self.whole_canvas else params.remasking
+        self.tempered = self.whole_canvas
+        self.alg_temp = (params.alg_temp or 0.0) if self.whole_canvas else 0.0
+        if self.whole_canvas and not self.threshold:
+            steps = params.steps or params.max_tokens
+            self.dream_ratios = dream_transfer_ratios(steps, params.eps or DEFAULT_EPS)
+            # origin: each cell is committed with probability 1 - s/t, drawn here.
+            self.origin_rng = np.random.default_rng(seed) if alg == DreamAlg.ORIGIN else None
 
         self.generated = np.full(self.gen_len, mask_id, dtype=np.int64)  # host mirror
         self.block = 0
@@ -74,6 +90,9 @@ class Request:
         # (first step of a block, or after a move that did not carry its cache).
         self.needs_full_forward = True
         self.finish_reason: str | None = None
+        self._planned = 0  # Dream's schedule: tokens to commit at the next step
+        if self.whole_canvas and not self.threshold:
+            self._plan_dream_step()
 
     # ---- the current block, in canvas positions ---------------------------
     @property
@@ -92,8 +111,29 @@ class Request:
 
     def commit_count(self) -> int:
         """Top-k mode: tokens to commit at this step of the block."""
+        if self.whole_canvas:
+            return self._planned
         size = self.block_sizes[self.block]
         return num_transfer_tokens(size, self.block_steps[self.block])[self.block_step]
+
+    def _plan_dream_step(self) -> None:
+        """Move `block_step` to the next step of Dream's schedule that commits
+        something (one that commits nothing changes nothing: no forward is
+        spent on it) and plan its count."""
+        masked = int((self.generated == self.mask_id).sum())
+        last = len(self.dream_ratios) - 1
+        while masked:
+            step = min(self.block_step, last)
+            if step == last:
+                count = masked
+            elif self.origin_rng is not None:
+                count = int(self.origin_rng.binomial(masked, float(self.dream_ratios[step])))
+            else:
+                count = dream_commit_count(masked, self.dream_ratios[step])
+            if count:
+                self.block_step, self._planned = step, count
+                return
+            self.block_step += 1
 
     # ---- after a step ------------------------------------------------------
     def apply_step(self, positions: np.ndarray, values: np.ndarray) -> tuple[list[int], int]:
@@ -110,6 +150,8 @@ class Request:
             self.block += 1
             self.block_step = 0
             self.needs_full_forward = True
+        elif self.whole_canvas and not self.threshold:
+            self._plan_dream_step()
 
         start = self.emitted
         end = start

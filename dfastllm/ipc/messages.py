@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Union
 
-from dfastllm.sampling_params import Remasking, SamplingParams
+from dfastllm.sampling_params import DreamAlg, Remasking, SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128  # a client's request id (X-Request-ID, DELETE /v1/requests/{id})
 # Choice i > 0 of a request (n > 1, several prompts) runs as "<request id>#<i>":
@@ -157,13 +157,14 @@ _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _SLOT_TIME = struct.Struct("=Iq")  # worker_slot, submit_time_ns
 # max_tokens, temperature, top_p, steps, block_length, remasking, threshold,
-# seed, ignore_eos, presence bits of the optional fields (see _OPTIONAL).
-_PARAMS = struct.Struct("=IddIIBdQBB")
-_OPTIONAL = ("steps", "block_length", "threshold", "seed")
+# seed, ignore_eos, top_k, alg, alg_temp, eps, presence bits of the optional
+# fields (see _OPTIONAL).
+_PARAMS = struct.Struct("=IddIIBdQBIBddB")
+_OPTIONAL = ("steps", "block_length", "threshold", "seed", "top_k", "alg", "alg_temp", "eps")
 # Every SamplingParams field the codec carries; a test checks this against
 # the dataclass so a new field cannot be silently dropped on the wire.
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "steps", "block_length", "remasking",
-                "threshold", "seed", "stop_token_ids", "ignore_eos")
+                "threshold", "seed", "stop_token_ids", "ignore_eos", "top_k", "alg", "alg_temp", "eps")
 _FINISHED = struct.Struct("=BIIIdd")
 _REJECTED = struct.Struct("=B")
 _ACK = struct.Struct("=QB")
@@ -199,7 +200,8 @@ def _params(p: SamplingParams) -> bytes:
         if getattr(p, name) is not None:
             present |= 1 << bit
     fixed = _PARAMS.pack(p.max_tokens, p.temperature, p.top_p, p.steps or 0, p.block_length or 0, int(p.remasking),
-                         p.threshold or 0.0, p.seed or 0, p.ignore_eos, present)
+                         p.threshold or 0.0, p.seed or 0, p.ignore_eos, p.top_k or 0, int(p.alg or 0),
+                         p.alg_temp or 0.0, p.eps or 0.0, present)
     return fixed + _int32s(p.stop_token_ids)
 
 
@@ -283,10 +285,10 @@ def _enum(cls: type[enum.IntEnum], value: int):
 
 
 def _decode_params(r: _Reader) -> SamplingParams:
-    (max_tokens, temperature, top_p, steps, block_length, remasking, threshold, seed, ignore_eos,
-     present) = r.unpack(_PARAMS)
-    optional = {name: value if present >> bit & 1 else None
-                for bit, (name, value) in enumerate(zip(_OPTIONAL, (steps, block_length, threshold, seed)))}
+    (max_tokens, temperature, top_p, steps, block_length, remasking, threshold, seed, ignore_eos, top_k, alg,
+     alg_temp, eps, present) = r.unpack(_PARAMS)
+    values = (steps, block_length, threshold, seed, top_k, _enum(DreamAlg, alg), alg_temp, eps)
+    optional = {name: value if present >> bit & 1 else None for bit, (name, value) in enumerate(zip(_OPTIONAL, values))}
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           remasking=_enum(Remasking, remasking), ignore_eos=bool(ignore_eos),
                           stop_token_ids=tuple(r.int32s()), **optional)

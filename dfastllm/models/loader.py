@@ -29,8 +29,13 @@ import time
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dfastllm.checkpoints import (CheckpointDownloadError, is_transient,  # noqa: F401 (API)
-                                  resolve_checkpoint, retry_with_backoff)
+from dfastllm.checkpoints import (  # noqa: F401 (API)
+    MODEL_FAMILIES,
+    CheckpointDownloadError,
+    is_transient,
+    resolve_checkpoint,
+    retry_with_backoff,
+)
 from dfastllm.models import dream, llada
 from dfastllm.tokenizer import Tokenizer
 
@@ -38,10 +43,10 @@ logger = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 4  # tries at reading a local checkpoint while its I/O errors look transient
 
-# config.json `model_type` -> (family, config class, model class, name table).
+# family (checkpoints.MODEL_FAMILIES) -> (config class, model class, name table).
 FAMILIES = {
-    "llada": ("llada", llada.LLaDAConfig, llada.LLaDAModel, llada.checkpoint_names),
-    "Dream": ("dream", dream.DreamConfig, dream.DreamModel, dream.checkpoint_names),
+    "llada": (llada.LLaDAConfig, llada.LLaDAModel, llada.checkpoint_names),
+    "dream": (dream.DreamConfig, dream.DreamModel, dream.checkpoint_names),
 }
 
 
@@ -81,10 +86,11 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_
     config_path = os.path.join(directory, "config.json")
     hf_config = _read_json(config_path)
     model_type = hf_config.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in MODEL_FAMILIES:
         raise ValueError(f"{config_path}: unknown model_type {model_type!r} "
-                         f"(supported: {', '.join(FAMILIES)})")
-    family, config_cls, model_cls, checkpoint_names = FAMILIES[model_type]
+                         f"(supported: {', '.join(MODEL_FAMILIES)})")
+    family = MODEL_FAMILIES[model_type]
+    config_cls, model_cls, checkpoint_names = FAMILIES[family]
     try:
         config = config_cls.from_hf_config(hf_config)
     except KeyError as e:

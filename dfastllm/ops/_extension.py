@@ -1,6 +1,7 @@
 """Loads the compiled kernels (`dfastllm._C`) and holds what every wrapper
-shares: the dtype and confidence codes of csrc/kernels/params.h and the
-device arguments (device, index, stream) of a tensor.
+shares: the dtype codes of csrc/kernels/params.h, the confidence modes
+(checked against the extension's own table at import) and the device
+arguments (device, index, stream) of a tensor.
 
 There is deliberately no fallback to the references: a missing or stale
 extension is an ImportError that says how to rebuild (`load_extension`).
@@ -11,13 +12,22 @@ from __future__ import annotations
 import torch
 
 from dfastllm import load_extension
+from dfastllm.sampling_params import Remasking
 
 _C = load_extension("_C")
 
 BUILT_WITH_CUDA: bool = bool(_C.with_cuda)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-CONFIDENCE_CODES = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3}
+
+# The confidence table is Remasking on this side and ConfidenceMode in
+# params.h on the other; a build whose table differs cannot be used.
+_PYTHON_MODES = {mode.name.lower(): int(mode) for mode in Remasking}
+if dict(_C.confidence_modes) != _PYTHON_MODES:
+    raise ImportError(
+        f"dfastllm._C's confidence modes {dict(_C.confidence_modes)} differ from "
+        f"dfastllm.sampling_params.Remasking {_PYTHON_MODES}: the extension is stale or the two tables drifted; "
+        "make them agree and rebuild (pip install -e . --no-build-isolation)")
 
 
 def device_args(tensor: torch.Tensor) -> dict:

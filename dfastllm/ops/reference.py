@@ -19,11 +19,19 @@ Semantics shared with the kernels
   temperature > 0: an exact draw from softmax(logits / t) by inverse CDF over
   the row in column order: the first column whose running sum of
   probabilities exceeds u_sample (never a zero-probability column).
-* Confidence, always from p = softmax(logits) at temperature 1 (the LLaDA
-  reference's rule, applied to every mode):
+* Confidence (a `Remasking` member or its lower-case name), from
+  p = softmax(logits) whatever the temperature (the LLaDA reference's rule):
   "low_confidence" p[token]; "random" u_conf; "margin" p_top1 - p_top2
   (duplicates count: two equal maxima give 0; V = 1 gives 1);
   "entropy" sum p log p (negative entropy, <= 0).
+* tempered=True (Dream's rule): for a row with t > 0 the token and its
+  confidence both come from softmax(logits / t), as if the row were
+  logits / t sampled at temperature 1 (t <= 0 stays greedy with the
+  confidence from softmax(logits)).
+* selection_temperature s > 0 (per row; Dream's alg_temp): the confidence
+  output becomes float32(confidence / s + g), g = -log(-log(u_conf + 2^-25))
+  a Gumbel draw, so that the top n outputs of a sequence are a draw without
+  replacement from softmax(confidence / s) (Gumbel top-k).
 * commit_tokens: a candidate is eligible when its position lies in [0, L)
   and canvas[b, position] == mask_id before the call. Candidates are ranked
   by confidence (NaN ranks lowest), ties by lower candidate index. Top-k
@@ -36,7 +44,18 @@ from __future__ import annotations
 
 import torch
 
-CONFIDENCE_MODES = ("low_confidence", "random", "margin", "entropy")
+from dfastllm.sampling_params import Remasking
+
+CONFIDENCE_MODES = tuple(mode.name.lower() for mode in Remasking)
+
+
+def confidence_mode(confidence: Remasking | str) -> Remasking:
+    """A Remasking member, or its lower-case name; ValueError otherwise."""
+    if isinstance(confidence, Remasking):
+        return confidence
+    if confidence not in CONFIDENCE_MODES:
+        raise ValueError(f"confidence must be a Remasking or one of {CONFIDENCE_MODES}, got {confidence!r}")
+    return Remasking[confidence.upper()]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -91,11 +110,12 @@ def sample_tokens_reference(
     *,
     seed: int | torch.Tensor,
     offset: int | torch.Tensor = 0,
-    confidence: str = "low_confidence",
+    confidence: Remasking | str = Remasking.LOW_CONFIDENCE,
+    tempered: bool = False,
+    selection_temperature: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (tokens int64 [N], confidence float32 [N]); see the module docstring."""
-    if confidence not in CONFIDENCE_MODES:
-        raise ValueError(f"confidence must be one of {CONFIDENCE_MODES}, got {confidence!r}")
+    mode = confidence_mode(confidence)
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [N, V] with V > 0, got shape {tuple(logits.shape)}")
     n, _ = logits.shape
@@ -109,6 +129,10 @@ def sample_tokens_reference(
     else:
         offsets = offset + torch.arange(n, dtype=torch.int64, device=device)
     u_sample, u_conf = row_uniforms(seeds, offsets)
+    if tempered:  # logits / t at temperature 1
+        scaled = ~(t.isnan() | (t <= 0) | (1.0 / t.float()).isinf())
+        x = torch.where(scaled[:, None], x / torch.where(scaled, t, 1.0)[:, None], x)
+        t = torch.where(scaled, 1.0, t)
 
     row_max = x.max(dim=-1).values  # [N]
     dead = row_max == float("-inf")  # rows with no finite logit
@@ -129,11 +153,11 @@ def sample_tokens_reference(
         tokens[sampled] = torch.minimum(drawn, last_live)
     tokens = torch.where(dead, 0, tokens)
 
-    if confidence == "low_confidence":
+    if mode == Remasking.LOW_CONFIDENCE:
         conf = (safe_x.gather(-1, tokens[:, None]).squeeze(-1) - log_z).exp()
-    elif confidence == "random":
+    elif mode == Remasking.RANDOM:
         conf = u_conf.double()
-    elif confidence == "margin":
+    elif mode == Remasking.MARGIN:
         if safe_x.shape[1] == 1:
             conf = torch.ones(n, dtype=torch.float64, device=device)
         else:
@@ -143,9 +167,13 @@ def sample_tokens_reference(
         log_p = safe_x - log_z[:, None]
         p = log_p.exp()
         conf = torch.where(p > 0, p * log_p, 0.0).sum(-1)
-    if confidence != "random":
+    if mode != Remasking.RANDOM:
         conf = torch.where(dead, float("nan"), conf)
-    return tokens, conf.float()
+    conf = conf.float()
+    s = _per_row(selection_temperature, n, torch.float32, device)
+    gumbel = -torch.log(-torch.log(u_conf.double() + 2.0**-25))
+    perturbed = (conf.double() / s.double() + gumbel).float()
+    return tokens, torch.where(s > 0, perturbed, conf)
 
 
 def commit_tokens_reference(

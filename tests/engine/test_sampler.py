@@ -6,7 +6,7 @@ import torch
 
 from dfastllm import Remasking, SamplingParams
 from dfastllm.engine import EngineCore
-from dfastllm.engine.sampler import num_transfer_tokens, split_steps, top_p_filter
+from dfastllm.engine.sampler import filter_logits, num_transfer_tokens, split_steps
 
 from .conftest import generate, prompt
 
@@ -62,12 +62,37 @@ def test_threshold_commits_at_least_one_per_step(llada):
     assert len(tokens) == 12 and out.num_steps == 12
 
 
+def _kept(logits, temperature, top_p, top_k):
+    return filter_logits(logits, torch.tensor(temperature), torch.tensor(top_p),
+                         torch.tensor(top_k, dtype=torch.long)).isfinite()
+
+
 def test_top_p_filter_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
-    kept = top_p_filter(logits, torch.tensor([0.7, 0.85])).isfinite()
+    kept = _kept(logits, [0.0, 0.0], [0.7, 0.85], [0, 0])
     assert kept.tolist() == [[True, True, False, False], [False, True, True, True]]
     # top_p = 1 keeps everything; the argmax always survives.
-    assert top_p_filter(logits, torch.tensor([1.0, 0.01])).isfinite().sum(-1).tolist() == [4, 1]
+    assert _kept(logits, [0.0, 0.0], [1.0, 0.01], [0, 0]).sum(-1).tolist() == [4, 1]
+
+
+def test_top_p_applies_to_the_tempered_distribution():
+    # Dream divides by the temperature first: at t = 0.25 the head [0.5, 0.3]
+    # becomes [0.87, 0.11], so p = 0.7 keeps only the first token.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert _kept(logits, [0.0], [0.7], [0]).sum().item() == 2
+    assert _kept(logits, [0.25], [0.7], [0]).sum().item() == 1
+    assert _kept(logits, [4.0], [0.7], [0]).sum().item() == 3
+
+
+def test_top_k_keeps_ties_and_meets_top_p():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    # Ties with the k-th are kept (Dream's `logits < kth` rule).
+    assert _kept(logits, [1.0, 1.0], [1.0, 1.0], [2, 1]).tolist() == [
+        [True, False, True, True, False], [False, False, False, False, True]]
+    # Both filters: the smaller of the two sets (top_p keeps 1 of the first
+    # row, top_k 2 of the second).
+    assert _kept(logits, [1.0, 1.0], [0.5, 0.99], [3, 2]).sum(-1).tolist() == [1, 2]
+    assert _kept(logits, [1.0, 1.0], [0.99, 0.99], [0, 0]).sum(-1).tolist() == [5, 5]
 
 
 @pytest.mark.timeout(60)

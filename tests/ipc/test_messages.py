@@ -7,7 +7,7 @@ import pytest
 from dfastllm.ipc.messages import (MAX_ENGINE_ID_CHARS, MAX_REQUEST_ID_CHARS, PARAM_FIELDS, Cancel, CancelAck,
                                    DecodeError, Error, Finished, FinishReason, MsgKind, Rejected, RejectReason, Submit,
                                    Tokens, choice_id, decode, encode, is_choice_of)
-from dfastllm.sampling_params import Remasking, SamplingParams
+from dfastllm.sampling_params import DreamAlg, Remasking, SamplingParams
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -53,6 +53,8 @@ def test_codec_carries_every_sampling_params_field():
     SamplingParams(max_tokens=1, temperature=2.0, top_p=0.01, steps=1, block_length=1, threshold=1.0, seed=0,
                    remasking="random"),
     SamplingParams(max_tokens=4096, remasking=Remasking.ENTROPY, stop_token_ids=tuple(range(300))),
+    SamplingParams(max_tokens=64, top_k=40, alg=DreamAlg.TOPK_MARGIN, alg_temp=0.25, eps=0.01, temperature=0.2),
+    SamplingParams(alg="maskgit_plus", alg_temp=0.0, threshold=0.9),  # zeros that are given, not omitted
 ])
 def test_submit_params_round_trip(params):
     msg = Submit("x", 0, [], params)

@@ -13,7 +13,7 @@ from dfastllm import _C
 from dfastllm.ops import BUILT_WITH_CUDA, CONFIDENCE_MODES, sample_tokens, sample_tokens_reference
 
 from .conftest import DEVICES, DTYPES, make_logits
-from ._parity import assert_matches_reference
+from ._parity import assert_matches_reference, decided_rows
 
 N, V = 37, 3001
 # Row stride 3008: rows start 16-byte aligned (the CUDA kernel's vector path)
@@ -34,12 +34,12 @@ def random_seeds(n: int, device: str, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", CONFIDENCE_MODES)
-def test_matches_reference_every_dtype_and_mode(device, dtype, mode, gen):
+@pytest.mark.parametrize("tempered", [False, True], ids=["llada", "tempered"])
+def test_matches_reference_every_dtype_and_mode(device, dtype, mode, tempered, gen):
     logits = make_logits(N, V, dtype, device, gen, pad=ALIGNED_PAD)
     offset = int(torch.randint(0, 2**40, (1,), generator=gen))
-    assert_matches_reference(
-        logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen), offset=offset, confidence=mode
-    )
+    assert_matches_reference(logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen), offset=offset,
+                             confidence=mode, tempered=tempered)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,7 +169,8 @@ def _raw_call(**overrides):
     logits = torch.randn(2, 8)
     args = dict(device="cpu", device_index=0, logits=logits.data_ptr(), dtype=0, n_rows=2, vocab=8, row_stride=8,
                 temperature=0, temperature_scalar=1.0, seed=0, seed_scalar=1, offset=0, offset_scalar=0,
-                confidence_mode=0, tokens=out_t.data_ptr(), confidence=out_c.data_ptr(), num_threads=1, stream=0)
+                confidence_mode=0, tempered_confidence=False, selection_temperature=0,
+                selection_temperature_scalar=0.0, tokens=out_t.data_ptr(), confidence=out_c.data_ptr(), num_threads=1, stream=0)
     args.update(overrides)
     _C.sample_tokens(**args)
 
@@ -193,3 +194,53 @@ def test_binding_checks_every_argument(override, fragment):
 def test_cuda_call_on_cpu_only_build_is_a_clear_error():
     with pytest.raises(ValueError, match="built without CUDA"):
         _raw_call(device="cuda")
+
+
+# ---- Dream: tempered confidences and the alg_temp selection ------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["low_confidence", "margin", "entropy"])
+def test_tempered_is_logits_over_t_at_temperature_one(device, mode, gen):
+    """A tempered row at t reads as the row x / t at temperature 1: the same
+    tokens (the rows where rounding decides aside) and confidences."""
+    logits = make_logits(N, V, torch.float32, device, gen, pad=13)
+    temps = torch.tensor([0.7, 1.3, 0.25, 1.0] * 10)[:N].to(device)
+    seeds = random_seeds(N, device, gen)
+    tokens, conf = sample_tokens(logits, temps, seed=seeds, confidence=mode, tempered=True)
+    scaled = (logits.double() / temps.double()[:, None]).float()
+    plain_tokens, plain_conf = sample_tokens(scaled, torch.ones(N, device=device), seed=seeds, confidence=mode)
+    decided = decided_rows(scaled, 1.0, seeds, 0).to(device)
+    assert torch.equal(tokens[decided], plain_tokens[decided])
+    same = tokens == plain_tokens
+    torch.testing.assert_close(conf[same], plain_conf[same], rtol=2e-5, atol=1e-6)
+    # Untempered, the confidence stays at temperature 1 (LLaDA): another value.
+    untempered = sample_tokens(logits, temps, seed=seeds, confidence=mode)
+    assert not torch.equal(untempered[1], conf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", CONFIDENCE_MODES)
+def test_selection_temperature_matches_reference(device, dtype, mode, gen):
+    logits = make_logits(N, V, dtype, device, gen, pad=ALIGNED_PAD)
+    selection = torch.tensor([[0.0, 0.5, 0.1, 2.0][i % 4] for i in range(N)], dtype=torch.float32, device=device)
+    tokens, keys = assert_matches_reference(logits, mixed_temperatures(N, device), seed=random_seeds(N, device, gen),
+                                            confidence=mode, tempered=True, selection_temperature=selection)
+    assert keys.isfinite().all()
+
+
+def test_selection_temperature_scalar_and_checks():
+    logits = torch.randn(6, 40)
+    by_scalar = sample_tokens(logits, 0.0, seed=4, selection_temperature=0.3)
+    by_tensor = sample_tokens(logits, 0.0, seed=4, selection_temperature=torch.full((6,), 0.3))
+    assert torch.equal(by_scalar[1], by_tensor[1])
+    # Without it the confidences are the plain ones; the tokens never change.
+    plain = sample_tokens(logits, 0.0, seed=4)
+    assert torch.equal(plain[0], by_scalar[0]) and not torch.equal(plain[1], by_scalar[1])
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="selection_temperature"):
+            sample_tokens(logits, 0.0, seed=4, selection_temperature=bad)
+    with pytest.raises(ValueError, match="selection_temperature must have shape"):
+        sample_tokens(logits, 0.0, seed=4, selection_temperature=torch.ones(5))
+    with pytest.raises(ValueError, match="selection_temperature_scalar must be >= 0"):
+        _raw_call(selection_temperature_scalar=-1.0)
