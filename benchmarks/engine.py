@@ -202,7 +202,7 @@ def through_process(args) -> int:
     for kv_cache in args.kv_cache:
         config = ServerConfig(model=model_dir, device=args.device, dtype=args.dtype, kv_cache=kv_cache,
                               max_batch_size=max(args.batch_sizes), log_level="warning",
-                              max_num_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens))
+                              max_num_batched_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens))
         supervisor = Supervisor(config, http=False)
         supervisor.start()
         try:
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                for graphs in (args.cuda_graphs if kv != "none" and device.type == "cuda" else ["off"])]
     for kv_cache, cuda_graphs in engines:
         core = EngineCore(loaded, kv_cache=kv_cache, max_batch_size=max(args.batch_sizes),
-                          max_num_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens),
+                          max_num_batched_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens),
                           cuda_graphs=cuda_graphs)
         core.warmup(prompt_len=args.prompt_len, block_length=args.block_length,
                     batch_sizes=sorted(set(args.batch_sizes)))

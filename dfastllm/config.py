@@ -42,7 +42,10 @@ class ServerConfig:
                            choices=("none", "prefix", "dual"))
     max_model_len: int | None = _field(None, "prompt + max_tokens limit; default: the model's max_sequence_length")
     max_batch_size: int = _field(32, "most requests decoded together in one denoising step")
-    max_num_tokens: int = _field(16384, "most canvas tokens in the running batch, counted as rows x longest canvas (prompt + generation)")
+    max_num_batched_tokens: int = _field(16384, "most query tokens one denoising step computes (a row at a block's "
+                                         "first step costs its whole canvas, a cached row its block)")
+    kv_cache_memory: float = _field(0.9, "KV page pool of kv_cache prefix/dual: bytes (> 1) or a fraction (<= 1) of "
+                                    "the device memory free after loading the model")
     engine_threads: int | None = _field(None, "torch CPU threads of the engine process; default: the cores "
                                         "left after the HTTP workers (at least 1)")
     cuda_graphs: bool = _field(True, "on CUDA with kv_cache dual or prefix, replay the cached steps' forward "
@@ -161,7 +164,7 @@ class ServerConfig:
         return config
 
     def validate(self) -> None:
-        positive = ("max_batch_size", "max_num_tokens", "default_max_tokens", "default_block_length", "workers",
+        positive = ("max_batch_size", "max_num_batched_tokens", "default_max_tokens", "default_block_length", "workers",
                     "max_body_bytes", "max_prompt_chars", "max_messages", "max_queue", "circuit_failures")
         for name in positive:
             if getattr(self, name) < 1:
@@ -170,6 +173,8 @@ class ServerConfig:
                      "drain_timeout_s", "default_steps_per_token"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory!r}")
         if self.engine_threads is not None and self.engine_threads < 1:
             raise ValueError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
         if self.engine_stall_timeout_s < 0:

@@ -366,7 +366,8 @@ class InProcessEngineClient(_ClientBase):
             from dfastllm.engine.core import EngineCore
 
             engine = EngineCore(engine, kv_cache=config.kv_cache, max_batch_size=config.max_batch_size,
-                                max_num_tokens=config.max_num_tokens, max_model_len=config.max_model_len,
+                                max_num_batched_tokens=config.max_num_batched_tokens,
+                                kv_cache_memory=config.kv_cache_memory, max_model_len=config.max_model_len,
                                 cuda_graphs=config.cuda_graphs)
         self.core = engine
         self.router = RequestRouter(engine, config, metrics=metrics)

@@ -205,6 +205,7 @@ class EngineProcess:
         self.control.publish_load(self.core.num_waiting, self.core.num_running)
         if self.metrics is not None:
             self.metrics.set_load(self.core.num_running, self.core.num_waiting)
+            self.metrics.set_kv_pages(self.core.kv_pages_used, self.core.kv_pages_free)
         if now >= self._next_memory_update:
             self._next_memory_update = now + DEVICE_MEMORY_INTERVAL_S
             used, total = device_memory(self.core.device)
@@ -299,8 +300,9 @@ def load_core(config: ServerConfig):
     logger.info("engine threads", extra={"torch_threads": torch.get_num_threads()})
 
     llm = LLM(config.model, device=config.device, dtype=config.dtype, kv_cache=config.kv_cache,
-              max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens,
-              max_model_len=config.max_model_len, cuda_graphs=config.cuda_graphs)
+              max_batch_size=config.max_batch_size, max_num_batched_tokens=config.max_num_batched_tokens,
+              kv_cache_memory=config.kv_cache_memory, max_model_len=config.max_model_len,
+              cuda_graphs=config.cuda_graphs)
     return llm.engine
 
 

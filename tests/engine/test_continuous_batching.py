@@ -92,21 +92,24 @@ def test_abort_waiting_request(llada):
 
 def test_admission_is_fifo_within_budgets(llada):
     params = SamplingParams(max_tokens=8, block_length=8, steps=2, ignore_eos=True)
-    # Canvases of 12 tokens; 3 rows x 12 = 36 > 30 tokens, so only two fit.
-    core = EngineCore(llada, max_batch_size=8, max_num_tokens=30)
+    # kv_cache none: every step queries whole canvases of 12 tokens; 3 x 12 = 36 > 30, so only two fit.
+    core = EngineCore(llada, max_batch_size=8, max_num_batched_tokens=30)
     for i in range(3):
         core.add_request(f"r{i}", prompt(4), params)
     core.step()
     assert (core.num_running, core.num_waiting) == (2, 1)
+    assert core.stats.last_step_query_tokens == 24
     run_all(core)
-    # A long head blocks a short request behind it: padded rows x longest counts.
-    core = EngineCore(llada, max_batch_size=8, max_num_tokens=40)
+    # A long head blocks a short request behind it: 10 + 32 tokens > 40.
+    core = EngineCore(llada, max_batch_size=8, max_num_batched_tokens=40)
     core.add_request("small", prompt(2), params)  # 10 tokens
-    core.add_request("big", prompt(20), params)  # 28 tokens: 2 x 28 = 56 > 40
-    core.add_request("tiny", prompt(1), params)
+    core.add_request("big", prompt(24), params)  # 32 tokens
+    core.add_request("tiny", prompt(1), params)  # 9 tokens: would fit, but waits its turn
     core.step()
     assert (core.num_running, core.num_waiting) == (1, 2)
     assert set(run_all(core)) == {"small", "big", "tiny"}
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        core.add_request("huge", prompt(40), params)  # 48 tokens could never run
 
 
 @pytest.mark.timeout(60)
@@ -195,7 +198,7 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on(llada, monkeypatc
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(model, "forward", out_of_memory)
+    monkeypatch.setattr(model, "forward_packed", out_of_memory)
     outputs = core.step()
     assert {o.request_id: o.finish_reason for o in outputs} == {"a": "error", "b": "error"}
     assert all("out of memory" in o.error for o in outputs)
