@@ -139,17 +139,18 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     top_p = np.repeat(np.array([r.params.top_p for r in requests], dtype=np.float32), counts)
     top_p_rows = np.flatnonzero(top_p < 1.0)
 
-    ints = [canvas_index, token_pos, slot_mapping, cu_q, seqlens_k, table.ravel(), hidden_index, slots[cand_req],
+    cu_k = np.concatenate([[0], np.cumsum(seqlens_k)])
+    ints = [canvas_index, token_pos, slot_mapping, cu_q, cu_k, seqlens_k, table.ravel(), hidden_index, slots[cand_req],
             cand_pos, seeds, rng_offset, row_offsets, commit_k, top_p_rows, *mode_index.values()]
     floats = [np.repeat(np.array([r.params.temperature for r in requests], dtype=np.float32), counts),
               threshold, top_p[top_p_rows]]
-    (canvas_index_t, positions_t, slot_mapping_t, cu_q_t, seqlens_k_t, table_t, hidden_index_t, cand_rows_t,
+    (canvas_index_t, positions_t, slot_mapping_t, cu_q_t, cu_k_t, seqlens_k_t, table_t, hidden_index_t, cand_rows_t,
      cand_pos_t, seeds_t, rng_offset_t, offsets_t, commit_k_t, top_p_rows_t, *mode_rows_t) = _upload(
         ints, np.int64, device)
     temperature_t, threshold_t, top_p_t = _upload(floats, np.float32, device)
 
     attn = AttentionMetadata(
-        cu_seqlens_q=cu_q_t.to(torch.int32), seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q,
+        cu_seqlens_q=cu_q_t.to(torch.int32), cu_seqlens_k=cu_k_t.to(torch.int32), seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q,
         max_seqlen_k=max_k, block_tables=table_t.view(table.shape).to(torch.int32) if cached else None,
         slot_mapping=slot_mapping_t if cached else None, page_size=page_size,
         host_seqlens_q=q_len.tolist(), host_seqlens_k=lengths.tolist(), host_pages=pages)

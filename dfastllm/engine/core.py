@@ -105,7 +105,7 @@ class EngineCore:
                                  device=self.device)
         self.pool = None
         if kv_cache != "none":
-            flash = flash_usable(weight.dtype, self.device, config.head_dim)
+            flash = flash_usable(weight.dtype, self.device, config.head_dim, config.n_kv_heads != config.n_heads)
             page_size = page_size or (FLASH_PAGE_MULTIPLE if flash and flash_reads_pages(FLASH_PAGE_MULTIPLE)
                                       else DEFAULT_PAGE_SIZE)
             shape = dict(n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
@@ -119,8 +119,7 @@ class EngineCore:
         self.graphs = (CachedStepGraphs(self.model, self.pool.cache, max_pages=-(-self.max_model_len // self.pool.page_size),
                                         max_seqlen_k=self.max_model_len)
                        if cuda_graphs and self.pool is not None and graphs_supported(weight.dtype, self.device,
-                                                                                      config.head_dim,
-                                                                                      self.pool.page_size)
+                                                                                      config, self.pool.page_size)
                        else None)
         self.stats = EngineStats()
         self._queue_times: list[float] = []

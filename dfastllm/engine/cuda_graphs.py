@@ -43,8 +43,10 @@ from dfastllm.models.attention import (AttentionMetadata, PagedKVCache, RaggedAt
 logger = logging.getLogger(__name__)
 
 
-def graphs_supported(dtype: torch.dtype, device: torch.device, head_dim: int, page_size: int) -> bool:
-    return device.type == "cuda" and flash_usable(dtype, device, head_dim) and flash_reads_pages(page_size)
+def graphs_supported(dtype: torch.dtype, device: torch.device, config, page_size: int) -> bool:
+    """config: the model's (head_dim, n_heads, n_kv_heads)."""
+    return (device.type == "cuda" and flash_reads_pages(page_size)
+            and flash_usable(dtype, device, config.head_dim, config.n_kv_heads != config.n_heads))
 
 
 def round_tokens(n: int) -> int:
@@ -59,7 +61,7 @@ def round_rows(n: int) -> int:
 @dataclasses.dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # static input_ids, position_ids, cu_seqlens_q, seqlens_k, block_tables, slots
+    inputs: tuple[torch.Tensor, ...]  # static input_ids, position_ids and attention metadata tensors
     hidden: torch.Tensor  # static output [tokens, D]
 
 
@@ -85,8 +87,8 @@ class CachedStepGraphs:
         """The model's hidden states [tokens, D] for a cached step `batch`
         (a StepBatch padded to a bucket)."""
         meta = batch.attn
-        args = (batch.input_ids, batch.position_ids, meta.cu_seqlens_q, meta.seqlens_k, meta.block_tables,
-                meta.slot_mapping)
+        args = (batch.input_ids, batch.position_ids, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.seqlens_k,
+                meta.block_tables, meta.slot_mapping)
         if self.failed:
             return self.model.forward_packed(batch.input_ids, batch.position_ids, RaggedAttention(meta, self.cache))
         key = (batch.input_ids.shape[0], meta.seqlens_k.shape[0])
@@ -113,9 +115,9 @@ class CachedStepGraphs:
         # Static inputs live outside the pool (plain allocations), so no other
         # graph's replay can overwrite them.
         inputs = tuple(t.clone(memory_format=torch.contiguous_format) for t in args)
-        ids, positions, cu_seqlens_q, seqlens_k, block_tables, slots = inputs
+        ids, positions, cu_seqlens_q, cu_seqlens_k, seqlens_k, block_tables, slots = inputs
         # The bucket's bounds, not this step's: the graph bakes them in.
-        meta = AttentionMetadata(cu_seqlens_q=cu_seqlens_q, seqlens_k=seqlens_k, max_seqlen_q=ids.shape[0],
+        meta = AttentionMetadata(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqlens_k=seqlens_k, max_seqlen_q=ids.shape[0],
                                  max_seqlen_k=self.max_seqlen_k, block_tables=block_tables, slot_mapping=slots,
                                  page_size=page_size)
         # One eager run on a side stream first: lazy initialisation (cuBLAS

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import itertools
 import math
 
 import numpy as np
@@ -69,6 +68,7 @@ class PagedKVCache:
 class AttentionMetadata:
     """Where each row's queries and keys are, for one ragged forward of B rows over N tokens."""
     cu_seqlens_q: torch.Tensor  # [B+1] int32, row b's queries are pack tokens [cu[b], cu[b+1])
+    cu_seqlens_k: torch.Tensor  # [B+1] int32, offsets of the rows' keys packed row after row
     seqlens_k: torch.Tensor  # [B] int32, row b attends to its canvas positions [0, seqlens_k[b])
     max_seqlen_q: int  # upper bounds over the rows (a captured graph uses its bucket's)
     max_seqlen_k: int
@@ -85,20 +85,22 @@ class AttentionMetadata:
         return self.block_tables is not None
 
 
-def flash_usable(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-    """Whether torch's varlen flash attention can run these shapes here."""
-    return (varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and head_dim % 8 == 0 and head_dim <= 256)
-
-
 @functools.cache
-def _varlen_takes_block_table() -> bool:
-    return varlen_attn is not None and "block_table" in inspect.signature(varlen_attn).parameters
+def _varlen_params() -> frozenset[str]:
+    """The keyword arguments the installed torch's varlen_attn takes (they grew across releases)."""
+    return frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+
+
+def flash_usable(dtype: torch.dtype, device: torch.device, head_dim: int, grouped: bool) -> bool:
+    """Whether torch's varlen flash attention can run these shapes here
+    (grouped: fewer K/V heads than query heads)."""
+    return (varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256 and (not grouped or "enable_gqa" in _varlen_params()))
 
 
 def flash_reads_pages(page_size: int) -> bool:
     """Whether the flash kernel reads the pages in place (else keys are gathered first)."""
-    return _varlen_takes_block_table() and page_size % FLASH_PAGE_MULTIPLE == 0
+    return {"block_table", "seqused_k"} <= _varlen_params() and page_size % FLASH_PAGE_MULTIPLE == 0
 
 
 class RaggedAttention:
@@ -118,7 +120,7 @@ class RaggedAttention:
         if self.cache is not None:
             k_pages, v_pages = self.cache.k[layer], self.cache.v[layer]
             write_pages(k_pages, v_pages, meta.slot_mapping, k, v)
-        if flash_usable(q.dtype, q.device, q.shape[-1]):
+        if flash_usable(q.dtype, q.device, q.shape[-1], q.shape[1] != k.shape[1]):
             return _flash(q, k, v, k_pages, v_pages, meta)
         if self._groups is None:
             self._groups = _row_groups(meta, q.device)
@@ -133,22 +135,24 @@ def write_pages(k_pages, v_pages, slot_mapping, k, v) -> None:
 
 # ---- flash (CUDA) -------------------------------------------------------------
 def _flash(q, k, v, k_pages, v_pages, meta: AttentionMetadata) -> torch.Tensor:
-    # num_splits=1: a row's result must not depend on the rest of the batch.
-    common = dict(enable_gqa=q.shape[1] != k.shape[1], num_splits=1)
+    common = {}
+    if q.shape[1] != k.shape[1]:
+        common["enable_gqa"] = True
+    if "num_splits" in _varlen_params():
+        common["num_splits"] = 1  # a row's result must not depend on the rest of the batch
     if k_pages is None:  # no cache: each row attends to its own packed tokens
-        return varlen_attn(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_k,
+        return varlen_attn(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
                            **common)
     if flash_reads_pages(k_pages.shape[1]):
-        return varlen_attn(q, k_pages, v_pages, meta.cu_seqlens_q, None, meta.max_seqlen_q, meta.max_seqlen_k,
-                           seqused_k=meta.seqlens_k, block_table=meta.block_tables, **common)
-    # Pages too small for the kernel: gather each row's keys into one pack first.
+        return varlen_attn(q, k_pages, v_pages, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                           meta.max_seqlen_k, seqused_k=meta.seqlens_k, block_table=meta.block_tables, **common)
+    # Pages the kernel cannot read in place: gather each row's keys into one pack first.
     slots = [_row_slots(pages, n, k_pages.shape[1]) for pages, n in zip(meta.host_pages, meta.host_seqlens_k)]
-    cu_seqlens_k = torch.tensor([0, *itertools.accumulate(len(s) for s in slots)], dtype=torch.int32)
     key_slots = torch.from_numpy(np.concatenate(slots)).to(q.device, non_blocking=True)
     keys = k_pages.view(-1, *k_pages.shape[2:]).index_select(0, key_slots)
     values = v_pages.view(-1, *v_pages.shape[2:]).index_select(0, key_slots)
-    return varlen_attn(q, keys, values, meta.cu_seqlens_q, cu_seqlens_k.to(q.device), meta.max_seqlen_q,
-                       meta.max_seqlen_k, **common)
+    return varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
+                       **common)
 
 
 def _row_slots(pages: list[int], n: int, page_size: int) -> np.ndarray:
