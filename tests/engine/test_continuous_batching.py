@@ -37,6 +37,40 @@ def assert_batched_equals_alone(loaded, kv_cache):
         assert together[rid][1].finish_reason == "length"
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("kv_cache", ["none", "prefix", "dual"])
+def test_staggered_arrivals_and_cancellations_equal_alone(family, kv_cache, request):
+    """Mixed prompt lengths joining at different steps, a neighbour cancelled
+    mid-batch, and a step budget so small that requests wait to be admitted
+    and, in the cached modes, rows wait a step when several start a block
+    at once: every other request's tokens equal its tokens alone."""
+    loaded = request.getfixturevalue(family)
+    params = SamplingParams(max_tokens=8, block_length=4, steps=8, ignore_eos=True)
+    arrivals = {0: [("a", prompt(5)), ("b", prompt(17, start=50))],
+                2: [("c", prompt(3, start=90)), ("x", prompt(9, start=20))],
+                5: [("d", prompt(11, start=130))]}
+    core = EngineCore(loaded, kv_cache=kv_cache, max_num_batched_tokens=40)
+    tokens, budget_used, waited = {}, [], []
+    for step in range(200):
+        for rid, ids in arrivals.get(step, []):
+            core.add_request(rid, ids, params)
+        if step == 4:
+            assert core.abort("x")
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        budget_used.append(core.stats.last_step_query_tokens)
+        waited.append(core.stats.last_step_rows < core.num_running)  # a running row sat this step out
+        if step > 5 and not core.has_unfinished():
+            break
+    assert not core.has_unfinished() and max(budget_used) <= 40
+    assert any(waited) == (kv_cache != "none")  # without a cache every row costs its canvas at every step
+    for rid, ids in [r for group in arrivals.values() for r in group if r[0] != "x"]:
+        alone = generate(loaded, [(rid, ids, params)], kv_cache=kv_cache)[rid][0]
+        assert tokens[rid] == alone and len(alone) == 8, rid
+    assert core.kv_pages_used == 0
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kv_cache", ["none", "dual"])
 def test_request_joins_between_steps(llada_gqa, kv_cache):
