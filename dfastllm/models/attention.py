@@ -113,6 +113,7 @@ class RaggedAttention:
         self.meta = metadata
         self.cache = cache
         self._groups = None  # the grouped implementation's row groups, built at the first layer
+        self._key_slots = None  # the flash implementation's gathered keys' slots (pages it cannot read)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
@@ -121,7 +122,10 @@ class RaggedAttention:
             k_pages, v_pages = self.cache.k[layer], self.cache.v[layer]
             write_pages(k_pages, v_pages, meta.slot_mapping, k, v)
         if flash_usable(q.dtype, q.device, q.shape[-1], q.shape[1] != k.shape[1]):
-            return _flash(q, k, v, k_pages, v_pages, meta)
+            if k_pages is not None and not flash_reads_pages(meta.page_size) and self._key_slots is None:
+                slots = [_row_slots(p, n, meta.page_size) for p, n in zip(meta.host_pages, meta.host_seqlens_k)]
+                self._key_slots = torch.from_numpy(np.concatenate(slots)).to(q.device, non_blocking=True)
+            return _flash(q, k, v, k_pages, v_pages, meta, self._key_slots)
         if self._groups is None:
             self._groups = _row_groups(meta, q.device)
         return _grouped(q, k, v, k_pages, v_pages, self._groups)
@@ -134,7 +138,7 @@ def write_pages(k_pages, v_pages, slot_mapping, k, v) -> None:
 
 
 # ---- flash (CUDA) -------------------------------------------------------------
-def _flash(q, k, v, k_pages, v_pages, meta: AttentionMetadata) -> torch.Tensor:
+def _flash(q, k, v, k_pages, v_pages, meta: AttentionMetadata, key_slots=None) -> torch.Tensor:
     common = {}
     if q.shape[1] != k.shape[1]:
         common["enable_gqa"] = True
@@ -146,9 +150,7 @@ def _flash(q, k, v, k_pages, v_pages, meta: AttentionMetadata) -> torch.Tensor:
     if flash_reads_pages(k_pages.shape[1]):
         return varlen_attn(q, k_pages, v_pages, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
                            meta.max_seqlen_k, seqused_k=meta.seqlens_k, block_table=meta.block_tables, **common)
-    # Pages the kernel cannot read in place: gather each row's keys into one pack first.
-    slots = [_row_slots(pages, n, k_pages.shape[1]) for pages, n in zip(meta.host_pages, meta.host_seqlens_k)]
-    key_slots = torch.from_numpy(np.concatenate(slots)).to(q.device, non_blocking=True)
+    # Pages the kernel cannot read in place: gather each row's keys (key_slots) into one pack first.
     keys = k_pages.view(-1, *k_pages.shape[2:]).index_select(0, key_slots)
     values = v_pages.view(-1, *v_pages.shape[2:]).index_select(0, key_slots)
     return varlen_attn(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
