@@ -5,6 +5,8 @@
     python benchmarks/engine.py --model /path/to/checkpoint  # a real checkpoint directory
     ... --kv-cache none dual --batch-sizes 1 8 --prompt-len 64 --max-tokens 128 --json
     ... --cuda-graphs on off    # on a GPU: the cached modes with and without CUDA graphs
+    python benchmarks/engine.py --shape d256 --arrivals together staggered   # issue 15's comparison
+    python benchmarks/engine.py --shape d256 --load mixed --kv-cache dual none # 32 mixed-length requests
 
 For each kv_cache mode and batch size it runs one batch of identical-shape
 requests (block 32, one token per step unless --steps, EOS ignored so every
@@ -17,6 +19,21 @@ step reads whole (the blocks, the final norm and the head; the embedding is
 only gathered), at the bandwidth of a device copy of them. A copy moves each
 byte twice (read, then write), so the read takes half the copy's time.
 
+`--arrivals together staggered` runs one set of requests (default 8, a
+384-token prompt, 128 new tokens, block 32, one token per step) twice: all
+added before the first step, then one added every --stagger-steps steps,
+and prints the tokens/s of each and their ratio. `--load mixed` sends
+--requests requests (default 32) with Poisson arrivals (exponential gaps of
+--mean-gap-steps steps on average) and prompts drawn uniformly from
+--min-prompt..--max-prompt tokens. Arrivals are counted in engine steps, not
+seconds, so every engine sees the same schedule. Both report the share of
+steps that carry a full-canvas row and, in the cached modes, the KV
+memory held against the memory holding live tokens (each running
+request's canvas), averaged over the steps where the batch is at least
+half its largest size (steady state). Run them once with the tree's
+engine and once with another on PYTHONPATH (`--label before`) to compare
+two versions on the same machine.
+
 `run_configuration` is the hook for other drivers: it runs one
 configuration through any `generate(prompts, params)` callable whose
 outputs have `.token_ids` and `.num_steps` (e.g. the engine process behind
@@ -26,7 +43,9 @@ its client); `engine_generate` is the in-process one used here.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import random
 import statistics
 import sys
 import time
@@ -44,6 +63,9 @@ SHAPES = {
     # Small enough for a 2-core CPU; still has GQA-free multi-head attention and a real vocabulary size.
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384, vocab_size=1024,
                  max_sequence_length=1024, mask_token_id=5, eos_token_id=1, pad_token_id=1),
+    # The LLaDA-format d256, 4-layer model of issue 15's measurements.
+    "d256": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=768, vocab_size=1024,
+                 max_sequence_length=2048, mask_token_id=5, eos_token_id=1, pad_token_id=1),
     # GSAI-ML/LLaDA-8B-Instruct's config.json.
     "llada-8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
                      vocab_size=126464, max_sequence_length=4096, rope_theta=500000.0,
@@ -202,7 +224,7 @@ def through_process(args) -> int:
     for kv_cache in args.kv_cache:
         config = ServerConfig(model=model_dir, device=args.device, dtype=args.dtype, kv_cache=kv_cache,
                               max_batch_size=max(args.batch_sizes), log_level="warning",
-                              max_num_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens))
+                              max_num_batched_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens))
         supervisor = Supervisor(config, http=False)
         supervisor.start()
         try:
@@ -245,26 +267,191 @@ def through_process(args) -> int:
     return 0
 
 
+def make_engine(loaded, *, kv_cache: str, max_batch_size: int, max_tokens_per_step: int, cuda_graphs: bool
+                ) -> EngineCore:
+    """An EngineCore with a step budget of max_tokens_per_step. An engine from
+    before issue 15 (no paged pool) calls its budget max_num_tokens; this
+    lets the same script measure both versions side by side."""
+    budget = ("max_num_batched_tokens" if "max_num_batched_tokens" in inspect.signature(EngineCore).parameters
+              else "max_num_tokens")
+    return EngineCore(loaded, kv_cache=kv_cache, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
+                      **{budget: max_tokens_per_step})
+
+
+def batch_sizes(args, loaded, special, report) -> None:
+    device = next(loaded.model.parameters()).device
+    engines = [(kv, graphs == "on") for kv in args.kv_cache
+               for graphs in (args.cuda_graphs if kv != "none" and device.type == "cuda" else ["off"])]
+    for kv_cache, cuda_graphs in engines:
+        core = make_engine(loaded, kv_cache=kv_cache, max_batch_size=max(args.batch_sizes),
+                           max_tokens_per_step=max(args.batch_sizes) * (args.prompt_len + args.max_tokens),
+                           cuda_graphs=cuda_graphs)
+        core.warmup(prompt_len=args.prompt_len, block_length=args.block_length,
+                    batch_sizes=sorted(set(args.batch_sizes)))
+        for batch_size in args.batch_sizes:
+            step_log: list[tuple[float, bool]] = []
+            result = run_configuration(engine_generate(core, step_log), batch_size=batch_size,
+                                       prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                                       block_length=args.block_length, steps=args.steps,
+                                       vocab_size=loaded.config.vocab_size, special_ids=special)
+            full = [t for t, cached in step_log if not cached]
+            cached = [t for t, cached in step_log if cached]
+            result.update(kv_cache=kv_cache, cuda_graphs=core.graphs is not None,
+                          full_step_ms=round(statistics.median(full) * 1e3, 3) if full else None,
+                          block_step_ms=round(statistics.median(cached) * 1e3, 3) if cached else None)
+            if "weights_read_ms" in report and result["block_step_ms"]:
+                result["block_step_over_weights_read"] = round(result["block_step_ms"] / report["weights_read_ms"], 2)
+            report["results"].append(result)
+            print(f"kv={kv_cache:<6} graphs={'on' if core.graphs else 'off':<3} batch={batch_size:<3} "
+                  f"{result['tokens_per_s']:9.1f} tok/s "
+                  f"{result['steps_per_s']:8.1f} steps/s  full step {result['full_step_ms']} ms  "
+                  f"cached block step {result['block_step_ms']} ms", file=sys.stderr)
+
+
+# ---- arrivals over time: together vs staggered, mixed lengths under load -------
+def scenarios(args, loaded, special, report) -> None:
+    gen = torch.Generator().manual_seed(0)
+    ordinary = torch.tensor([t for t in range(loaded.config.vocab_size) if t not in special])
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps,
+                            ignore_eos=True)
+    runs = []  # (name, [(arrival step, prompt)])
+    if args.arrivals:
+        n = args.requests or 8
+        prompts = [ordinary[torch.randint(len(ordinary), (args.prompt_len,), generator=gen)].tolist()
+                   for _ in range(n)]
+        for arrivals in args.arrivals:
+            gap = args.stagger_steps if arrivals == "staggered" else 0
+            runs.append((arrivals, [(i * gap, p) for i, p in enumerate(prompts)]))
+    if args.load:
+        n = args.requests or 32
+        step, schedule = 0.0, []
+        for _ in range(n):
+            length = rng.randint(args.min_prompt, args.max_prompt)
+            schedule.append((int(step), ordinary[torch.randint(len(ordinary), (length,), generator=gen)].tolist()))
+            step += rng.expovariate(1.0 / args.mean_gap_steps)
+        runs.append(("mixed", schedule))
+    device = next(loaded.model.parameters()).device
+    for kv_cache in args.kv_cache:
+        cuda_graphs = args.cuda_graphs[-1] == "on" and device.type == "cuda"
+        for name, schedule in runs:
+            longest = max(len(p) for _, p in schedule) + args.max_tokens
+            core = make_engine(loaded, kv_cache=kv_cache, max_batch_size=args.max_batch_size or len(schedule),
+                               max_tokens_per_step=len(schedule) * longest, cuda_graphs=cuda_graphs)
+            core.warmup(prompt_len=min(64, args.prompt_len), block_length=args.block_length, batch_sizes=(1, 4))
+            result = run_schedule(core, schedule, params)
+            result.update(label=args.label, scenario=name, kv_cache=kv_cache, requests=len(schedule))
+            report["results"].append(result)
+            kv = (f"  KV live/held {result['kv_live_share']:.0%} (held {result['kv_held_mb']:.1f} MB, "
+                  f"reserved {result['kv_reserved_mb']:.1f} MB)" if result.get("kv_live_share") else "")
+            print(f"{args.label or '':<7} {name:<9} kv={kv_cache:<6} {result['tokens_per_s']:8.1f} tok/s "
+                  f"{result['step_ms']:7.1f} ms/step  {result['full_step_share']:.0%} steps with a full row{kv}",
+                  file=sys.stderr)
+        by_name = {r["scenario"]: r for r in report["results"] if r["kv_cache"] == kv_cache}
+        if "together" in by_name and "staggered" in by_name:
+            ratio = by_name["staggered"]["tokens_per_s"] / by_name["together"]["tokens_per_s"]
+            by_name["staggered"]["over_together"] = round(ratio, 3)
+            print(f"{args.label or '':<7} staggered / together, kv={kv_cache}: {ratio:.2f}x", file=sys.stderr)
+
+
+def run_schedule(core: EngineCore, schedule, params: SamplingParams) -> dict:
+    """Step `core` until every request of `schedule` [(arrival step, prompt)]
+    has finished, adding each at its step; -> tokens/s and the step figures."""
+    pending = sorted(schedule, key=lambda a: a[0])
+    ids = iter(range(1 << 62))
+    step, tokens, full_steps, step_seconds = 0, 0, 0, []
+    kv_samples = []  # (running rows, live tokens, held tokens)
+    started = time.perf_counter()
+    while pending or core.has_unfinished():
+        while pending and pending[0][0] <= step:
+            core.add_request(f"bench-{next(ids)}", pending.pop(0)[1], params)
+        if not core.has_unfinished():  # idle until the next arrival: skip ahead
+            step = pending[0][0]
+            continue
+        t = time.perf_counter()
+        outputs = core.step()
+        step_seconds.append(time.perf_counter() - t)
+        step += 1
+        full_steps += core.stats.last_step_full_rows > 0
+        for out in outputs:
+            if out.finish_reason == "error":
+                raise RuntimeError(out.error)
+            tokens += len(out.new_token_ids)
+        kv_samples.append((core.num_running, *kv_tokens(core)))
+    seconds = time.perf_counter() - started
+    result = dict(tokens=tokens, seconds=round(seconds, 3), tokens_per_s=tokens / seconds, steps=len(step_seconds),
+                  step_ms=statistics.mean(step_seconds) * 1e3, full_step_share=full_steps / len(step_seconds))
+    busiest = max(n for n, _, _ in kv_samples)
+    steady = [(live, held) for n, live, held in kv_samples if n >= busiest / 2 and held]
+    if steady:
+        per_token = kv_bytes_per_token(core)
+        result.update(kv_live_share=sum(live for live, _ in steady) / sum(held for _, held in steady),
+                      kv_held_mb=max(held for _, held in steady) * per_token / 1e6,
+                      kv_reserved_mb=kv_reserved_tokens(core) * per_token / 1e6)
+    return result
+
+
+def kv_tokens(core: EngineCore) -> tuple[int, int]:
+    """-> (canvas tokens of the running requests, K/V token cells the engine holds for them)."""
+    live = sum(r.canvas_len for r in core.scheduler.running)
+    pool = getattr(core, "pool", None)
+    if pool is not None:
+        return live, pool.num_used * pool.page_size
+    buffers = getattr(core, "buffers", None)  # the dense cache before issue 15: rows x (columns + 1)
+    if buffers is not None and buffers.k:
+        return live, buffers.k[0].shape[0] * buffers.k[0].shape[2]
+    return live, 0
+
+
+def kv_reserved_tokens(core: EngineCore) -> int:
+    pool = getattr(core, "pool", None)
+    if pool is not None:
+        return pool.num_pages * pool.page_size
+    return kv_tokens(core)[1]
+
+
+def kv_bytes_per_token(core: EngineCore) -> int:
+    c = core.model.config
+    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * next(core.model.parameters()).element_size()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory or hub id")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape, built on the device")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    parser.add_argument("--kv-cache", nargs="+", default=["none", "dual"], choices=("none", "prefix", "dual"))
+    parser.add_argument("--kv-cache", nargs="+", default=None, choices=("none", "prefix", "dual"),
+                        help="default: none dual (--arrivals: dual)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=None, help="default 64 (--arrivals: 384)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="total steps (default: one token per step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cuda-graphs", nargs="+", default=["on"], choices=("on", "off"),
                         help="cached modes on CUDA: with CUDA graphs, without, or both side by side")
+    parser.add_argument("--arrivals", nargs="+", choices=("together", "staggered"),
+                        help="requests added all at once, or one every --stagger-steps steps")
+    parser.add_argument("--stagger-steps", type=int, default=5)
+    parser.add_argument("--load", choices=("mixed",), help="Poisson arrivals of mixed-length prompts")
+    parser.add_argument("--requests", type=int, default=None, help="requests of --arrivals (8) or --load (32)")
+    parser.add_argument("--mean-gap-steps", type=float, default=2.0, help="--load: mean steps between arrivals")
+    parser.add_argument("--min-prompt", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=1024)
+    parser.add_argument("--max-batch-size", type=int, default=None, help="--arrivals/--load: default all requests")
+    parser.add_argument("--label", default="", help="a tag printed with each --arrivals/--load figure")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--through-process", action="store_true",
                         help="send the requests to a real engine process through an EngineClient")
     args = parser.parse_args(argv)
+    if args.model is None and args.shape is None:
+        if not (args.arrivals or args.load):
+            parser.error("one of --model or --shape is required")
+        args.shape = "d256"  # issue 15's configuration
+    args.prompt_len = args.prompt_len or (384 if args.arrivals else 64)
+    args.kv_cache = args.kv_cache or (["dual"] if args.arrivals and not args.load else ["none", "dual"])
     if args.through_process:
         return through_process(args)
 
@@ -287,32 +474,10 @@ def main(argv=None) -> int:
         read_ms, read_gb = weights_read_ms(loaded.model)
         report.update(weights_read_ms=round(read_ms, 3), weights_read_gb=round(read_gb, 2))
 
-    engines = [(kv, graphs == "on") for kv in args.kv_cache
-               for graphs in (args.cuda_graphs if kv != "none" and device.type == "cuda" else ["off"])]
-    for kv_cache, cuda_graphs in engines:
-        core = EngineCore(loaded, kv_cache=kv_cache, max_batch_size=max(args.batch_sizes),
-                          max_num_tokens=max(args.batch_sizes) * (args.prompt_len + args.max_tokens),
-                          cuda_graphs=cuda_graphs)
-        core.warmup(prompt_len=args.prompt_len, block_length=args.block_length,
-                    batch_sizes=sorted(set(args.batch_sizes)))
-        for batch_size in args.batch_sizes:
-            step_log: list[tuple[float, bool]] = []
-            result = run_configuration(engine_generate(core, step_log), batch_size=batch_size,
-                                       prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-                                       block_length=args.block_length, steps=args.steps,
-                                       vocab_size=loaded.config.vocab_size, special_ids=special)
-            full = [t for t, cached in step_log if not cached]
-            cached = [t for t, cached in step_log if cached]
-            result.update(kv_cache=kv_cache, cuda_graphs=core.graphs is not None,
-                          full_step_ms=round(statistics.median(full) * 1e3, 3) if full else None,
-                          block_step_ms=round(statistics.median(cached) * 1e3, 3) if cached else None)
-            if "weights_read_ms" in report and result["block_step_ms"]:
-                result["block_step_over_weights_read"] = round(result["block_step_ms"] / report["weights_read_ms"], 2)
-            report["results"].append(result)
-            print(f"kv={kv_cache:<6} graphs={'on' if core.graphs else 'off':<3} batch={batch_size:<3} "
-                  f"{result['tokens_per_s']:9.1f} tok/s "
-                  f"{result['steps_per_s']:8.1f} steps/s  full step {result['full_step_ms']} ms  "
-                  f"cached block step {result['block_step_ms']} ms", file=sys.stderr)
+    if args.arrivals or args.load:
+        scenarios(args, loaded, special, report)
+    else:
+        batch_sizes(args, loaded, special, report)
     if args.json:
         print(json.dumps(report))
     return 0

@@ -42,7 +42,10 @@ class ServerConfig:
                            choices=("none", "prefix", "dual"))
     max_model_len: int | None = _field(None, "prompt + max_tokens limit; default: the model's max_sequence_length")
     max_batch_size: int = _field(32, "most requests decoded together in one denoising step")
-    max_num_tokens: int = _field(16384, "most canvas tokens in the running batch, counted as rows x longest canvas (prompt + generation)")
+    max_num_batched_tokens: int = _field(16384, "most query tokens one denoising step computes (a row at a block's "
+                                         "first step costs its whole canvas, a cached row its block)")
+    kv_cache_memory: float = _field(0.9, "KV page pool of kv_cache prefix/dual: bytes (> 1) or a fraction (<= 1) of "
+                                    "the device memory free after loading the model")
     engine_threads: int | None = _field(None, "torch CPU threads of the engine process; default: the cores "
                                         "left after the HTTP workers (at least 1)")
     cuda_graphs: bool = _field(True, "on CUDA with kv_cache dual or prefix, replay the cached steps' forward "
@@ -216,7 +219,7 @@ INT_MAX = 2**63 - 1
 # for `validate()` and for the schema of PATCH /admin/config (None, where a
 # field allows it, is not bounded).
 LOWER_BOUNDS: dict[str, tuple[int, bool]] = {
-    **{name: (1, False) for name in ("max_batch_size", "max_num_tokens", "default_max_tokens",
+    **{name: (1, False) for name in ("max_batch_size", "max_num_batched_tokens", "default_max_tokens",
                                      "default_block_length", "workers", "max_body_bytes", "max_prompt_chars",
                                      "max_messages", "max_queue", "circuit_failures", "engine_threads")},
     **{name: (0, True) for name in ("request_timeout_s", "max_queue_wait_s", "dedup_window_s",
@@ -224,6 +227,7 @@ LOWER_BOUNDS: dict[str, tuple[int, bool]] = {
     "engine_stall_timeout_s": (0, False),
     "rate_limit_per_minute": (0, False),
     "load_retries": (0, False),
+    "kv_cache_memory": (0, True),
 }
 
 

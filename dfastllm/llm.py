@@ -37,8 +37,8 @@ class GenerationOutput:
 class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel | None = None, *, device: str = "auto",
                  dtype: str | torch.dtype | None = None, kv_cache: str = "none", max_batch_size: int = 32,
-                 max_num_tokens: int = 16384, max_model_len: int | None = None, seed: int | None = None,
-                 cuda_graphs: bool = True):
+                 max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9,
+                 max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = True):
         """model: checkpoint directory or hub id (None: the embedded tiny model),
         or a model already loaded with `load_model` (device and dtype then unused).
         device: "auto" (CUDA when available), "cpu", "cuda[:N]". dtype: None or
@@ -54,7 +54,8 @@ class LLM:
             dtype = names[dtype]
         config = ServerConfig(model=None if loaded is not None or model is None else os.fspath(model),
                               device=device, dtype=dtype or "auto", kv_cache=kv_cache,
-                              max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                              max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
+                              kv_cache_memory=kv_cache_memory,
                               max_model_len=max_model_len, seed=seed, cuda_graphs=cuda_graphs)
         self.engine = build_engine_core(config, loaded)
         self.loaded = self.engine.loaded

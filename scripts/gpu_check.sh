@@ -10,11 +10,13 @@
 #      graphs and the embedded model on the GPU);
 #   3. runs the kernel benchmark on CUDA (and a quick CPU case) and the
 #      engine benchmark on the 8B LLaDA shape (random weights, context 416,
-#      block 32, batch 1 and 8; cached steps with and without CUDA graphs);
+#      block 32, batch 1 and 8; cached steps with and without CUDA graphs),
+#      then staggered against together arrivals on that shape (kv_cache dual,
+#      384-token prompts, 128 new tokens, block 32) with 8 and 32 requests;
 #   4. prints a short summary table last.
 # Needs pytest; if it is not installed, wheels in .whl/ (or $DFASTLLM_WHEELS)
 # are installed offline. Budget: < 8 minutes on one H100 (about 3 on an H200).
-#   scripts/gpu_check.sh [--no-engine-bench]   # skip the 8B engine benchmark (~75 s)
+#   scripts/gpu_check.sh [--no-engine-bench]   # skip the 8B engine benchmarks (~75 s + ~3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -71,6 +73,13 @@ if [ "${1:-}" != "--no-engine-bench" ]; then
     --cuda-graphs off on --json >"$OUT_DIR/bench-engine.log" 2>&1
   engine_bench_rc=$?
   grep -v '^{' "$OUT_DIR/bench-engine.log"
+  for n in 8 32; do
+    say "engine benchmark: staggered vs together arrivals, $n requests (8B LLaDA shape)"
+    timeout 300 "$PY" benchmarks/engine.py --shape llada-8b --arrivals together staggered --requests "$n" \
+      --prompt-len 384 --max-tokens 128 --kv-cache dual --json >"$OUT_DIR/bench-arrivals-$n.log" 2>&1
+    rc=$?; [ "$rc" -eq 0 ] || engine_bench_rc=$rc
+    grep -v '^{' "$OUT_DIR/bench-arrivals-$n.log"
+  done
 fi
 
 say "summary"
@@ -109,6 +118,15 @@ if lines:
         print(f"{r['kv_cache']:5} {'on' if r['cuda_graphs'] else 'off':6} {r['batch_size']:5d} "
               f"{r['tokens_per_s']:8.1f} {r['full_step_ms'] or 0:8.2f} {r['block_step_ms'] or 0:8.2f} "
               f"{r.get('block_step_over_weights_read', 0):6.2f}")
+for n in (8, 32):
+    log = out / f"bench-arrivals-{n}.log"
+    lines = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("{")] if log.exists() else []
+    if lines:
+        rows = {r["scenario"]: r for r in json.loads(lines[-1])["results"]}
+        ratio = rows.get("staggered", {}).get("over_together")
+        print(f"arrivals, {n} requests, dual: together {rows['together']['tokens_per_s']:.1f} tok/s, staggered "
+              f"{rows['staggered']['tokens_per_s']:.1f} tok/s ({ratio}x); steps with a full row "
+              f"{rows['together']['full_step_share']:.0%} / {rows['staggered']['full_step_share']:.0%}")
 ok = test_rc == bench_rc == engine_test_rc == engine_bench_rc == 0
 print("GPU CHECK", "PASSED" if ok else "FAILED")
 sys.exit(0 if ok else 1)

@@ -1,6 +1,6 @@
-"""The inputs of one denoising step over the running batch, built on the host.
+"""The inputs of one denoising step: a ragged batch, built on the host.
 
-Every row contributes queries to ONE forward:
+Every row contributes its query tokens to ONE forward over packed tokens:
 
 * a full row (kv_cache none, or the first step of a block in the cached
   modes) queries its whole canvas [0, L_r);
@@ -8,18 +8,21 @@ Every row contributes queries to ONE forward:
   `prefix` the block and everything after it; for Dream (logits shift 1) one
   position earlier too, since position p's logits come from hidden p-1.
 
-Rows are right-padded to the longest query list. Keys are masked per row
-(key s is visible iff s < L_r), so padding never changes a row's result;
-padded queries read token 0 and, in the cached modes, write their K/V into
-the scratch column (the last one of the cache view, past every row's
-canvas), never a real slot. The cache view spans the longest canvas plus
-the scratch column rounded up to whole 64-column buckets (masked past each
-row's length), so a step's shapes change only when the longest canvas
-crosses a bucket, and a CUDA graph captured for them is replayed step after
-step.
+The rows' query tokens are packed back to back ([N] ids and positions, N
+the sum of the rows' query lengths): nothing is padded to the longest row
+and no mask exists. `AttentionMetadata` says where each row's queries are
+(cumulative offsets) and how many keys it has (its canvas length); in the
+cached modes, also its block table and the pool slot of each query token,
+where that token's K/V is written before attention reads the pages.
 
-All integer inputs travel to the device as one int64 upload, all float
-inputs as one float32 upload.
+A step replayed as a CUDA graph (`pad_to`) is padded up to its bucket of
+tokens and rows: the padding tokens form one extra row that attends only
+to the scratch page, and the other padding rows are empty.
+
+Candidates (the masked positions of each row's current block) are listed
+row after row in canvas-row order; the commit kernel sees the whole canvas,
+with no candidates in rows that do not step. All integer inputs travel to
+the device as one int64 upload, all float inputs as one float32 upload.
 """
 
 from __future__ import annotations
@@ -29,81 +32,107 @@ import dataclasses
 import numpy as np
 import torch
 
-from dfastllm.engine.kv_cache import COLUMN_ALIGN, round_up
 from dfastllm.engine.request import Request
 from dfastllm.engine.sampler import SamplingInputs, SamplingPlan
+from dfastllm.models.attention import AttentionMetadata
 
 
 @dataclasses.dataclass
 class StepBatch:
-    rows: int
-    input_ids: torch.Tensor  # [B, T] long
-    position_ids: torch.Tensor  # [B, T] long
-    attn_mask: torch.Tensor | None  # [B, 1, T, S] bool, None when nothing is padded
-    cache_positions: torch.Tensor | None  # [B, T] long (cached modes)
-    cache_columns: int  # S of the cache view (cached modes), a whole number of buckets
+    rows: int  # rows stepped (padding excluded)
+    input_ids: torch.Tensor  # [N] long, the rows' query tokens packed
+    position_ids: torch.Tensor  # [N] long
+    attn: AttentionMetadata
+    query_tokens: int  # N without padding
     full_rows: int  # rows that run over their whole canvas this step
-    # Candidates (masked positions of each row's current block), row-major.
-    hidden_index: torch.Tensor  # [N] index into hidden.reshape(B*T, D)
-    cand_rows: torch.Tensor  # [N] batch row
-    cand_positions: torch.Tensor  # [N] canvas position
-    cand_offsets: torch.Tensor  # [B+1] int32
-    sampling: SamplingInputs  # what the sampler needs per candidate and per row
+    # Candidates (masked positions of each row's current block), in canvas-row order.
+    hidden_index: torch.Tensor  # [n] index into the packed hidden states [N, D]
+    cand_rows: torch.Tensor  # [n] canvas row
+    cand_positions: torch.Tensor  # [n] canvas position
+    cand_offsets: torch.Tensor  # [canvas rows + 1] int32
+    sampling: SamplingInputs  # what the sampler needs per candidate and per canvas row
     # Host copies for reading the step's result back.
-    host_positions: np.ndarray  # [N]
-    host_offsets: list[int]  # [B+1]
+    host_positions: np.ndarray  # [n]
+    host_offsets: list[int]  # [rows + 1], per stepped row (in `requests` order)
 
 
-def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str, logits_shift: int
-               ) -> StepBatch:
-    """Inputs for one step of `requests` (running, in slot order: request i is row i)."""
+def query_extent(r: Request, cache_mode: str, logits_shift: int) -> tuple[int, int]:
+    """The canvas positions [start, end) that request r queries at its next step."""
+    if cache_mode == "none" or r.needs_full_forward:
+        return 0, r.canvas_len
+    return r.block_start - logits_shift, (r.block_end if cache_mode == "dual" else r.canvas_len)
+
+
+def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str, logits_shift: int,
+               page_size: int = 0, pad_to: tuple[int, int, int] | None = None) -> StepBatch:
+    """Inputs for one step of `requests` (in ascending canvas row, `r.slot`);
+    page_size: of the KV pool (cached modes); pad_to: (tokens, rows, pages per
+    row) of a CUDA graph bucket, at least one row more than `requests`."""
     device = canvas.device
-    n_rows = len(requests)
-    lengths = np.array([r.canvas_len for r in requests], dtype=np.int64)
-    longest = int(lengths.max())
+    n_rows, canvas_rows = len(requests), canvas.shape[0]
     cached = cache_mode != "none"
-    full = [not cached or r.needs_full_forward for r in requests]
-    q_start = np.zeros(n_rows, dtype=np.int64)
-    q_end = lengths.copy()
-    for i, r in enumerate(requests):
-        if not full[i]:
-            q_start[i] = r.block_start - logits_shift
-            q_end[i] = r.block_end if cache_mode == "dual" else r.canvas_len
-    q_len = q_end - q_start
-    width = int(q_len.max())
+    slots = np.array([r.slot for r in requests], dtype=np.int64)
+    lengths = np.array([r.canvas_len for r in requests], dtype=np.int64)
+    extents = np.array([query_extent(r, cache_mode, logits_shift) for r in requests], dtype=np.int64)
+    q_start, q_len = extents[:, 0], extents[:, 1] - extents[:, 0]
+    cu_q = np.concatenate([[0], np.cumsum(q_len)])
+    n_tokens = int(cu_q[-1])
+    token_row = np.repeat(np.arange(n_rows), q_len)
+    token_pos = q_start[token_row] + np.arange(n_tokens) - cu_q[token_row]
+    canvas_index = slots[token_row] * canvas.shape[1] + token_pos
+    seqlens_k = lengths
 
-    columns = np.arange(width, dtype=np.int64)
-    real = columns[None, :] < q_len[:, None]  # [B, T]
-    query_pos = np.where(real, q_start[:, None] + columns[None, :], 0)
-    # The cache has one column more than the canvas, so the view fits.
-    cache_columns = min(round_up(longest + 1, COLUMN_ALIGN), canvas.shape[1] + 1) if cached else 0
-    cache_pos = np.where(real, query_pos, cache_columns - 1)  # the scratch column
+    pages = [r.pages for r in requests] if cached else []
+    table = np.zeros((0, 0), dtype=np.int64)
+    slot_mapping = np.zeros(0, dtype=np.int64)
+    if cached:
+        width = pad_to[2] if pad_to else max(len(p) for p in pages)
+        table = np.zeros((n_rows, width), dtype=np.int64)
+        for i, p in enumerate(pages):
+            table[i, :len(p)] = p
+        slot_mapping = table[token_row, token_pos // page_size] * page_size + token_pos % page_size
+    max_q, max_k = int(q_len.max()), int(lengths.max())
+    if pad_to is not None:
+        # The padding tokens are one extra row over the scratch page (page 0,
+        # slot 0), so every token of the pack belongs to a row; further rows are empty.
+        tokens, rows, _ = pad_to
+        extra = tokens - n_tokens
+        assert extra >= 0 and rows > n_rows, (pad_to, n_tokens, n_rows)
+        cu_q = np.concatenate([cu_q, np.full(rows - n_rows, tokens)])
+        seqlens_k = np.concatenate([lengths, np.ones(rows - n_rows, dtype=np.int64)])
+        table = np.concatenate([table, np.zeros((rows - n_rows, table.shape[1]), dtype=np.int64)])
+        canvas_index = np.concatenate([canvas_index, np.zeros(extra, dtype=np.int64)])
+        token_pos = np.concatenate([token_pos, np.zeros(extra, dtype=np.int64)])
+        slot_mapping = np.concatenate([slot_mapping, np.zeros(extra, dtype=np.int64)])
+        max_q = tokens  # bounds fixed per bucket: the graph bakes them in
 
     positions = [r.masked_positions() for r in requests]
     counts = np.array([p.size for p in positions], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     cand_pos = np.concatenate(positions)
-    cand_rows = np.repeat(np.arange(n_rows, dtype=np.int64), counts)
-    hidden_index = cand_rows * width + (cand_pos - logits_shift - q_start[cand_rows])
-    sampling = SamplingPlan(requests, counts, cand_pos, lengths)
+    cand_req = np.repeat(np.arange(n_rows, dtype=np.int64), counts)
+    hidden_index = cu_q[cand_req] + cand_pos - logits_shift - q_start[cand_req]
+    sampling = SamplingPlan(requests, counts, cand_pos, lengths, slots=slots, canvas_rows=canvas_rows)
 
-    ints = [query_pos.ravel(), cache_pos.ravel(), hidden_index, cand_rows, cand_pos, offsets, lengths]
+    cu_k = np.concatenate([[0], np.cumsum(seqlens_k)])
+    ints = [canvas_index, token_pos, slot_mapping, cu_q, cu_k, seqlens_k, table.ravel(), hidden_index, slots[cand_req],
+            cand_pos, sampling.row_offsets]
     int_parts = _upload(ints + sampling.ints, np.int64, device)
     float_parts = _upload(sampling.floats, np.float32, device)
-    (query_pos_t, cache_pos_t, hidden_index_t, cand_rows_t, cand_pos_t, offsets_t, lengths_t) = int_parts[:len(ints)]
+    (canvas_index_t, positions_t, slot_mapping_t, cu_q_t, cu_k_t, seqlens_k_t, table_t, hidden_index_t, cand_rows_t,
+     cand_pos_t, offsets_t) = int_parts[:len(ints)]
 
-    query_pos_t = query_pos_t.view(n_rows, width)
-    input_ids = canvas[:n_rows].gather(1, query_pos_t)
-    if cached:
-        attn_mask = _key_mask(lengths_t, width, cache_columns)
-    else:
-        padded = bool((lengths != longest).any())
-        attn_mask = _key_mask(lengths_t, width, width) if padded else None
+    attn = AttentionMetadata(
+        cu_seqlens_q=cu_q_t.to(torch.int32), cu_seqlens_k=cu_k_t.to(torch.int32), seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q,
+        max_seqlen_k=max_k, block_tables=table_t.view(table.shape).to(torch.int32) if cached else None,
+        slot_mapping=slot_mapping_t if cached else None, page_size=page_size,
+        host_seqlens_q=q_len.tolist(), host_seqlens_k=lengths.tolist(), host_pages=pages)
     return StepBatch(
-        rows=n_rows, input_ids=input_ids, position_ids=query_pos_t, attn_mask=attn_mask,
-        cache_positions=cache_pos_t.view(n_rows, width) if cached else None, cache_columns=cache_columns,
-        full_rows=sum(full), hidden_index=hidden_index_t, cand_rows=cand_rows_t, cand_positions=cand_pos_t,
-        cand_offsets=offsets_t.to(torch.int32), sampling=sampling.on_device(int_parts[len(ints):], float_parts),
+        rows=n_rows, input_ids=canvas.view(-1).index_select(0, canvas_index_t), position_ids=positions_t,
+        attn=attn, query_tokens=n_tokens, full_rows=int(sum(r.needs_full_forward or not cached for r in requests)),
+        hidden_index=hidden_index_t, cand_rows=cand_rows_t, cand_positions=cand_pos_t,
+        cand_offsets=offsets_t.to(torch.int32),
+        sampling=sampling.on_device(int_parts[len(ints):], float_parts),
         host_positions=cand_pos, host_offsets=offsets.tolist(),
     )
 
@@ -115,9 +144,3 @@ def _upload(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     return list(torch.split(packed, sizes))
-
-
-def _key_mask(lengths: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
-    """[B, 1, queries, keys] bool: key s visible to every query of row b iff s < lengths[b]."""
-    visible = torch.arange(keys, device=lengths.device)[None, :] < lengths[:, None]  # [B, S]
-    return visible[:, None, None, :].expand(-1, 1, queries, keys)

@@ -5,16 +5,19 @@ The engine process (rings) and the offline `LLM` drive it the same way:
 step over the running batch and returns what became final.
 
 One step:
-  1. drop requests whose deadline passed, compact the rows, admit waiting
-     requests (FIFO within the budgets) and write their canvases;
-  2. one model forward over the running rows (kv_cache none: whole canvases;
-     dual/prefix: whole canvases at a block's first step, else only the part
-     that changes, attending to the cache; on CUDA that cached forward is a
-     replayed CUDA graph, `cuda_graphs.py`);
+  1. drop requests whose deadline passed, admit waiting requests (FIFO
+     within the budgets: canvas rows, query tokens, KV pages) into free
+     canvas rows and pages, and pick the rows that step (`scheduler.py`);
+  2. ONE ragged forward over those rows' query tokens packed together
+     (kv_cache none: whole canvases; dual/prefix: whole canvases at a block's
+     first step, else only the part that changes, attending to the paged
+     cache): each row costs its own tokens (`batch.py`). On CUDA a step with
+     no full row is a replayed CUDA graph (`cuda_graphs.py`);
   3. the output head on the candidates' hidden rows only, one sampling and
      one commit kernel call, then one read of the candidates' cells;
   4. per request: advance its block, emit the newly final prefix, stop at
-     EOS / end of turn / a stop id, or at max_tokens.
+     EOS / end of turn / a stop id, or at max_tokens. A request that leaves
+     gives its canvas row and pages back at once.
 
 A failure inside the step (out of memory, a kernel error) fails the requests
 of that step with finish_reason "error"; the engine keeps serving.
@@ -29,17 +32,21 @@ import time
 
 import torch
 
-from dfastllm.engine.batch import build_step
-from dfastllm.engine.cuda_graphs import CachedStepGraphs
-from dfastllm.engine.kv_cache import BatchBuffers
+from dfastllm.engine.batch import build_step, query_extent
+from dfastllm.engine.cuda_graphs import CachedStepGraphs, graphs_supported
+from dfastllm.engine.kv_cache import CanvasRows, PagePool, bytes_per_page, kv_pool_pages
 from dfastllm.engine.request import Request, RequestOutput
 from dfastllm.engine.sampler import sample_and_commit
 from dfastllm.engine.scheduler import Scheduler
+from dfastllm.models.attention import FLASH_PAGE_MULTIPLE, RaggedAttention, flash_reads_pages, flash_usable
 from dfastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 KV_CACHE_MODES = ("none", "prefix", "dual")
+# Tokens per KV page: small pages waste little of a request's last page;
+# torch's flash kernel reads pages in place only at multiples of 256.
+DEFAULT_PAGE_SIZE = 16
 
 
 @dataclasses.dataclass
@@ -52,6 +59,7 @@ class EngineStats:
     requests_failed: int = 0
     last_step_rows: int = 0
     last_step_full_rows: int = 0  # rows that ran over their whole canvas (the rest used the cache)
+    last_step_query_tokens: int = 0  # tokens the step's forward computed (its rows' queries)
     last_step_tokens_committed: int = 0
     last_step_seconds: float = 0.0
 
@@ -63,15 +71,21 @@ class EngineStats:
 
 class EngineCore:
     def __init__(self, loaded, *, kv_cache: str = "none", max_batch_size: int = 32,
-                 max_num_tokens: int = 16384, max_model_len: int | None = None,
-                 device: str | torch.device | None = None, seed: int | None = None, cuda_graphs: bool = True):
+                 max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9, page_size: int | None = None,
+                 max_model_len: int | None = None, device: str | torch.device | None = None,
+                 seed: int | None = None, cuda_graphs: bool = True):
         """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
+        max_num_batched_tokens: most query tokens one step computes;
+        kv_cache_memory: the KV page pool (cached modes), in bytes (> 1) or as
+        a fraction (<= 1) of the device memory free now (capped at what
+        max_batch_size canvases of max_model_len could use); page_size: tokens
+        per page (default 256 where the flash kernel reads pages, else 16);
         `seed` makes the seeds drawn for requests without one reproducible;
         `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix)."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
-        if max_batch_size < 1 or max_num_tokens < 1:
-            raise ValueError("max_batch_size and max_num_tokens must be >= 1")
+        if max_batch_size < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_batch_size and max_num_batched_tokens must be >= 1")
         self.loaded = loaded
         self.model = loaded.model
         config = self.model.config
@@ -87,13 +101,26 @@ class EngineCore:
         self.vocab_size = config.vocab_size
         self.mask_id = loaded.mask_token_id
         self.logits_shift = int(self.model.logits_shift)
-        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens)
-        self.buffers = BatchBuffers(
-            n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
-            dtype=weight.dtype, device=self.device, with_cache=kv_cache != "none",
-            max_rows=max_batch_size, max_columns=self.max_model_len, fill_id=loaded.pad_token_id)
-        self.graphs = (CachedStepGraphs(self.model)
-                       if cuda_graphs and kv_cache != "none" and self.device.type == "cuda" else None)
+        self.canvas = CanvasRows(rows=max_batch_size, columns=self.max_model_len, fill_id=loaded.pad_token_id,
+                                 device=self.device)
+        self.pool = None
+        if kv_cache != "none":
+            flash = flash_usable(weight.dtype, self.device, config.head_dim, config.n_kv_heads != config.n_heads)
+            page_size = page_size or (FLASH_PAGE_MULTIPLE if flash and flash_reads_pages(FLASH_PAGE_MULTIPLE)
+                                      else DEFAULT_PAGE_SIZE)
+            shape = dict(n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                         dtype=weight.dtype)
+            most_pages = max_batch_size * -(-self.max_model_len // page_size)
+            num_pages = kv_pool_pages(kv_cache_memory, bytes_per_page(**shape, page_size=page_size), self.device,
+                                      most_pages)
+            self.pool = PagePool(**shape, device=self.device, page_size=page_size, num_pages=num_pages)
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
+                                   canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens)
+        self.graphs = (CachedStepGraphs(self.model, self.pool.cache, max_pages=-(-self.max_model_len // self.pool.page_size),
+                                        max_seqlen_k=self.max_model_len)
+                       if cuda_graphs and self.pool is not None and graphs_supported(weight.dtype, self.device,
+                                                                                      config, self.pool.page_size)
+                       else None)
         self.stats = EngineStats()
         self._queue_times: list[float] = []
         self._seeds = random.Random(seed)
@@ -110,6 +137,15 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.live)
+
+    @property
+    def kv_pages_used(self) -> int:
+        """KV pages held by running requests (0 with kv_cache none)."""
+        return self.pool.num_used if self.pool is not None else 0
+
+    @property
+    def kv_pages_free(self) -> int:
+        return self.pool.num_free if self.pool is not None else 0
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                     deadline: float | None = None) -> None:
@@ -128,9 +164,12 @@ class EngineCore:
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds max_model_len {self.max_model_len}")
-        if total > self.scheduler.max_num_tokens:
-            raise ValueError(f"prompt + max_tokens = {total} exceeds max_num_tokens "
-                             f"{self.scheduler.max_num_tokens}, so it could never run")
+        if total > self.scheduler.max_num_batched_tokens:
+            raise ValueError(f"prompt + max_tokens = {total} exceeds max_num_batched_tokens "
+                             f"{self.scheduler.max_num_batched_tokens}, so its full steps could never run")
+        if self.pool is not None and self.pool.pages_for(total) > self.pool.capacity:
+            raise ValueError(f"prompt + max_tokens = {total} needs {self.pool.pages_for(total)} KV pages; the pool "
+                             f"holds {self.pool.capacity} (raise kv_cache_memory), so it could never run")
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
@@ -155,7 +194,7 @@ class EngineCore:
         started = time.perf_counter()
         outputs = self._expire(time.monotonic())
         outputs += self._schedule()
-        running = list(self.scheduler.running)
+        running = self.scheduler.select()
         if not running:
             return outputs
         now = time.monotonic()
@@ -165,17 +204,18 @@ class EngineCore:
                 self._queue_times.append(now - r.arrival)
         try:
             with torch.inference_mode():
-                batch = build_step(running, self.buffers.canvas, cache_mode=self.kv_cache,
-                                   logits_shift=self.logits_shift)
-                kv = (self.buffers.cache_view(batch.rows, batch.cache_columns)
-                      if self.kv_cache != "none" else None)
-                if self.graphs is not None and batch.full_rows == 0:
-                    hidden = self.graphs.forward(batch, kv, self.buffers.version)
+                graphed = self.graphs is not None and not any(r.needs_full_forward for r in running)
+                batch = build_step(running, self.canvas.canvas, cache_mode=self.kv_cache,
+                                   logits_shift=self.logits_shift,
+                                   page_size=self.pool.page_size if self.pool is not None else 0,
+                                   pad_to=self.graphs.bucket(running, self._query_tokens) if graphed else None)
+                if graphed:
+                    hidden = self.graphs.forward(batch)
                 else:
-                    hidden = self.model(batch.input_ids, batch.position_ids, batch.attn_mask, kv,
-                                        batch.cache_positions)
-                cells = sample_and_commit(self.model.head, hidden, batch, self.buffers.canvas[:batch.rows],
-                                          self.mask_id)
+                    cache = self.pool.cache if self.pool is not None else None
+                    hidden = self.model.forward_packed(batch.input_ids, batch.position_ids,
+                                                       RaggedAttention(batch.attn, cache))
+                cells = sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas, self.mask_id)
                 cells = cells.cpu().numpy()  # the step's one synchronisation
         except Exception as e:  # noqa: BLE001 - any failure here is the step's, not the engine's
             return outputs + self._fail(running, e)
@@ -197,6 +237,7 @@ class EngineCore:
         s.tokens_committed += committed_total
         s.last_step_rows = len(running)
         s.last_step_full_rows = batch.full_rows
+        s.last_step_query_tokens = batch.query_tokens
         s.last_step_tokens_committed = committed_total
         s.last_step_seconds = time.perf_counter() - started
         return outputs
@@ -241,25 +282,18 @@ class EngineCore:
             outputs.append(r.output([], "abort", error="deadline exceeded"))
         return outputs
 
+    def _query_tokens(self, r: Request) -> int:
+        start, end = query_extent(r, self.kv_cache, self.logits_shift)
+        return end - start
+
     def _schedule(self) -> list[RequestOutput]:
-        """Compact the rows, admit waiting requests and write their canvases;
-        -> error outputs for admitted requests whose buffers could not be made."""
-        moved = self.scheduler.compact()
-        if moved:
-            self.buffers.move_rows([old for _, old in moved], [r.slot for r, _ in moved],
-                                   [not r.needs_full_forward for r, _ in moved])
-        live_rows = self.num_running
-        admitted = self.scheduler.admit()
-        if not admitted:
-            return []
-        longest = max(r.canvas_len for r in self.scheduler.running)
+        """Admit waiting requests into free canvas rows (and pages);
+        -> an error output for a request whose canvas could not be written."""
         try:
-            self.buffers.ensure(self.num_running, longest, live_rows)
-            for r in admitted:
-                canvas = r.prompt_ids + [self.mask_id] * r.gen_len
-                self.buffers.load_row(r.slot, torch.tensor(canvas, dtype=torch.long).to(self.device))
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory growing the buffers
-            return self._fail(admitted, e)
+            self.scheduler.admit(lambda r: torch.tensor(r.prompt_ids + [self.mask_id] * r.gen_len,
+                                                        dtype=torch.long).to(self.device))
+        except Exception as e:  # noqa: BLE001 - e.g. out of device memory
+            return self._fail([self.scheduler.waiting[0]], e)
         return []
 
     def _fail(self, requests: list[Request], error: Exception) -> list[RequestOutput]:

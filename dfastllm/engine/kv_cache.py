@@ -1,97 +1,109 @@
-"""The running batch's device buffers: one canvas row per running request
-and, in the cached modes, that row's K/V in every layer.
+"""The engine's device memory for running requests: canvas rows and K/V pages.
 
-Slots are kept compact: the running requests occupy rows 0..B-1, so the
-batch's canvas and cache views are plain slices. A finished request's row is
-filled by moving a later one down (canvas and cache rows together).
+* `CanvasRows`: one row of token ids per running request ([max_batch_size,
+  max_model_len] int64, a few MB at most), handed out at admission and
+  taken back when the request leaves. A row never moves.
+* `PagePool` (kv_cache prefix / dual): every layer's K/V in fixed-size pages
+  of one pool (`PagedKVCache`). A request gets the pages of its whole canvas
+  at admission (a full step writes K/V for all of it) and gives them back
+  when it finishes, is cancelled or fails; no page is ever moved. Page 0 is
+  never handed out: padded tokens of a captured CUDA graph write there.
 
-Capacity grows on demand (rows and columns), to what the batch needs now
-rounded up, so memory follows the admitted work (bounded by max_num_tokens)
-rather than max_batch_size x max_model_len. The cache has one column more
-than the canvas, so a step's cache view (the longest canvas plus a scratch
-column, where padded queries write their K/V and no row ever attends,
-rounded up to whole COLUMN_ALIGN buckets: see build_step) always fits.
+The pool's size is fixed when the engine starts (`kv_pool_pages`): a byte
+count or a fraction of the device memory free after loading the model,
+capped at what max_batch_size canvases of max_model_len could ever use.
+Fixed tensors also keep a CUDA graph's K/V addresses valid for its life.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from dfastllm.models import KVCache
-
-COLUMN_ALIGN = 64
-ROW_ALIGN = 4
+from dfastllm.models.attention import PagedKVCache
 
 
-def round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
-class BatchBuffers:
-    def __init__(self, *, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, with_cache: bool, max_rows: int, max_columns: int, fill_id: int):
-        self.shape_kv = (n_layers, n_kv_heads, head_dim)
-        self.dtype = dtype
-        self.device = device
-        self.with_cache = with_cache
-        self.max_rows = max_rows
-        self.max_columns = max_columns  # the longest canvas the engine admits
-        self.fill_id = fill_id  # a valid token for never-written canvas cells (padding reads them)
-        self.canvas = torch.empty(0, 0, dtype=torch.long, device=device)
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.version = 0  # bumped when the tensors are reallocated (CUDA graphs hold their addresses)
+class CanvasRows:
+    def __init__(self, *, rows: int, columns: int, fill_id: int, device: torch.device):
+        # fill_id: a valid token for never-written cells.
+        self.canvas = torch.full((rows, columns), fill_id, dtype=torch.long, device=device)
+        self._free = list(range(rows - 1, -1, -1))  # pop() hands out the lowest row first
 
     @property
-    def rows(self) -> int:
-        return self.canvas.shape[0]
+    def num_free(self) -> int:
+        return len(self._free)
 
-    @property
-    def columns(self) -> int:
-        return self.canvas.shape[1]
-
-    def ensure(self, rows: int, columns: int, live_rows: int) -> None:
-        """Make room for `rows` x `columns` canvas cells, keeping the first
-        `live_rows` rows (canvas and cache) when reallocating."""
-        if rows <= self.rows and columns <= self.columns:
-            return
-        new_rows = min(round_up(max(rows, 1), ROW_ALIGN), self.max_rows)
-        new_cols = min(round_up(max(columns, 1), COLUMN_ALIGN), self.max_columns)
-        keep_r, keep_c = min(live_rows, self.rows), min(new_cols, self.columns)
-        canvas = torch.full((new_rows, new_cols), self.fill_id, dtype=torch.long, device=self.device)
-        canvas[:keep_r, :keep_c] = self.canvas[:keep_r, :keep_c]
-        if self.with_cache:
-            n_layers, n_kv_heads, head_dim = self.shape_kv
-            shape = (new_rows, n_kv_heads, new_cols + 1, head_dim)
-            # Zeros, not empty: a masked-out key still meets its value in the
-            # attention product (0 * NaN = NaN), so no cell may hold garbage.
-            k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
-            v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
-            for new, old in zip(k + v, self.k + self.v):
-                new[:keep_r, :, :keep_c] = old[:keep_r, :, :keep_c]
-            self.k, self.v = k, v
-        self.canvas = canvas
-        self.version += 1
-
-    def load_row(self, row: int, tokens: torch.Tensor) -> None:
-        """Write a new request's canvas (prompt + masks) into its row."""
+    def allocate(self, tokens: torch.Tensor) -> int:
+        """A free row holding `tokens` (prompt + masks) from column 0; -> its index."""
+        row = self._free.pop()
         self.canvas[row, :tokens.numel()] = tokens
+        return row
 
-    def move_rows(self, src: list[int], dst: list[int], with_cache: list[bool]) -> None:
-        """Compaction: row src[i] -> row dst[i] (every dst below its src, in
-        ascending order, so no live row is overwritten before it moved)."""
-        if not src:
-            return
-        s = torch.tensor(src, device=self.device)
-        d = torch.tensor(dst, device=self.device)
-        self.canvas.index_copy_(0, d, self.canvas.index_select(0, s))
-        cache_src = [a for a, keep in zip(src, with_cache) if keep]
-        if self.with_cache and cache_src:
-            cs = torch.tensor(cache_src, device=self.device)
-            cd = torch.tensor([b for b, keep in zip(dst, with_cache) if keep], device=self.device)
-            for t in self.k + self.v:
-                t.index_copy_(0, cd, t.index_select(0, cs))
+    def release(self, row: int) -> None:
+        self._free.append(row)
 
-    def cache_view(self, rows: int, columns: int) -> KVCache:
-        """The first `rows` rows and `columns` columns of every layer's K/V."""
-        return KVCache([t[:rows, :, :columns] for t in self.k], [t[:rows, :, :columns] for t in self.v])
+
+class PagePool:
+    def __init__(self, *, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, page_size: int, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"the KV pool needs at least 2 pages (one is scratch), got {num_pages}")
+        self.page_size = page_size
+        self.num_pages = num_pages
+        shape = (num_pages, page_size, n_kv_heads, head_dim)
+        # Zeros, not empty: no cell may hold NaN, even one that only padding reads.
+        self.cache = PagedKVCache(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                                  v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+        self._free = list(range(num_pages - 1, 0, -1))  # page 0 is the scratch page
+
+    @property
+    def capacity(self) -> int:
+        """Pages that requests can hold (all but the scratch page)."""
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - self.num_free
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def allocate(self, tokens: int) -> list[int]:
+        """Pages for `tokens` canvas positions; RuntimeError if too few are free
+        (the scheduler checks `num_free` first)."""
+        n = self.pages_for(tokens)
+        if n > len(self._free):
+            raise RuntimeError(f"KV pool exhausted: {n} pages wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+def bytes_per_page(*, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int) -> int:
+    return 2 * n_layers * page_size * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def kv_pool_pages(kv_cache_memory: float, page_bytes: int, device: torch.device, most_pages: int) -> int:
+    """Pages in the pool: kv_cache_memory bytes (> 1) or that fraction (<= 1) of
+    the device memory free now (on the CPU, of the memory available), capped at
+    `most_pages` (+1 scratch); ValueError if that is not even two pages."""
+    if not kv_cache_memory > 0:
+        raise ValueError(f"kv_cache_memory must be > 0 (bytes, or a fraction of free memory), got {kv_cache_memory}")
+    budget = kv_cache_memory if kv_cache_memory > 1 else kv_cache_memory * free_memory(device)
+    pages = min(int(budget // page_bytes), most_pages + 1)
+    if pages < 2:
+        raise ValueError(f"kv_cache_memory {kv_cache_memory:g} holds {pages} page(s) of {page_bytes} bytes; "
+                         "at least 2 are needed")
+    return pages
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -9,7 +9,7 @@ module must be imported after the environment is set (the engine process
 imports it from `main`).
 
 Only what the engine alone knows is counted here: steps, tokens per step,
-queue time, load and device memory, the circuit breaker, and the cancellations the engine decides
+queue time, load, KV pages and device memory, the circuit breaker, and the cancellations the engine decides
 itself (deadline, dead worker). Success, latency and rejections are counted
 by the HTTP workers, which see the client's view.
 """
@@ -43,6 +43,10 @@ class EngineMetrics:
                              registry=r, multiprocess_mode="livemostrecent")
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests admitted but not yet running",
                              registry=r, multiprocess_mode="livemostrecent")
+        self.kv_pages_used = Gauge(PREFIX + "kv_cache_pages_used", "KV cache pages held by running requests",
+                                   registry=r, multiprocess_mode="livemostrecent")
+        self.kv_pages_free = Gauge(PREFIX + "kv_cache_pages_free", "KV cache pages free for new requests",
+                                   registry=r, multiprocess_mode="livemostrecent")
         self.device_memory = Gauge(PREFIX + "device_memory_used_bytes",
                                    "Device memory held by the engine (process RSS on CPU)",
                                    registry=r, multiprocess_mode="livemostrecent")
@@ -84,3 +88,7 @@ class EngineMetrics:
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def set_kv_pages(self, used: int, free: int) -> None:
+        self.kv_pages_used.set(used)
+        self.kv_pages_free.set(free)

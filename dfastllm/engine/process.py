@@ -212,6 +212,7 @@ class EngineProcess:
         self.control.publish_load(self.core.num_waiting, self.core.num_running)
         if self.metrics is not None:
             self.metrics.set_load(self.core.num_running, self.core.num_waiting)
+            self.metrics.set_kv_pages(self.core.kv_pages_used, self.core.kv_pages_free)
         if now >= self._next_memory_update:
             self._next_memory_update = now + DEVICE_MEMORY_INTERVAL_S
             used, total = device_memory(self.core.device)

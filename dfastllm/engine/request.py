@@ -85,9 +85,11 @@ class Request:
         self.block_step = 0  # steps taken in the current block
         self.num_steps = 0
         self.emitted = 0  # generation tokens already reported
-        self.slot = -1  # row in the batch's device buffers while running
+        self.slot = -1  # canvas row while running
+        self.pages: list[int] = []  # its KV pages while running (cached modes), canvas order
+        self.last_step = -1  # the scheduler's step count when it last stepped
         # Cached modes: the next step of this request recomputes the whole canvas
-        # (first step of a block, or after a move that did not carry its cache).
+        # (the first step of a block).
         self.needs_full_forward = True
         self.finish_reason: str | None = None
         self._planned = 0  # Dream's schedule: tokens to commit at the next step

@@ -127,14 +127,26 @@ class SamplingInputs:
 
 class SamplingPlan:
     """The host side of SamplingInputs: arrays the step uploads together with
-    its other inputs (`ints` as int64, `floats` as float32), then `on_device`."""
+    its other inputs (`ints` as int64, `floats` as float32), then `on_device`.
 
-    def __init__(self, requests, counts: np.ndarray, cand_pos: np.ndarray, lengths: np.ndarray):
+    The commit kernel runs over every canvas row (`canvas_rows`; request i is
+    in row `slots[i]`): a row that does not step has no candidates
+    (`row_offsets`), commit count 0 and threshold 0."""
+
+    def __init__(self, requests, counts: np.ndarray, cand_pos: np.ndarray, lengths: np.ndarray, *,
+                 slots: np.ndarray, canvas_rows: int):
         rows = np.repeat(np.arange(len(requests)), counts)
         per_cand = lambda values, dtype: np.repeat(np.array(values, dtype=dtype), counts)  # noqa: E731
+
+        def per_canvas_row(values, dtype):
+            out = np.zeros(canvas_rows, dtype=dtype)
+            out[slots] = values
+            return out
+
+        self.row_offsets = np.concatenate([[0], np.cumsum(per_canvas_row(counts, np.int64))])
         seeds = per_cand([r.seed for r in requests], np.int64)
         rng_offset = per_cand([r.num_steps for r in requests], np.int64) * lengths[rows] + cand_pos
-        commit_k = np.array([0 if r.threshold > 0 else r.commit_count() for r in requests], dtype=np.int64)
+        commit_k = per_canvas_row([0 if r.threshold > 0 else r.commit_count() for r in requests], np.int64)
         top_p = per_cand([r.params.top_p for r in requests], np.float32)
         top_k = per_cand([r.params.top_k or 0 for r in requests], np.int64)
         filter_rows = np.flatnonzero((top_p < 1.0) | (top_k > 0))
@@ -150,7 +162,7 @@ class SamplingPlan:
         self.has_filter = bool(filter_rows.size)
         self.ints = [seeds, rng_offset, commit_k, filter_rows, top_k[filter_rows], *group_index]
         self.floats = [per_cand([r.params.temperature for r in requests], np.float32),
-                       np.array([r.threshold for r in requests], dtype=np.float32), top_p[filter_rows],
+                       per_canvas_row([r.threshold for r in requests], np.float32), top_p[filter_rows],
                        alg_temp if self.has_alg_temp else alg_temp[:0]]
 
     def on_device(self, ints: list[torch.Tensor], floats: list[torch.Tensor]) -> SamplingInputs:
@@ -193,8 +205,9 @@ def sample_and_commit(head, hidden: torch.Tensor, batch, canvas: torch.Tensor, m
     """Propose and commit this step's tokens; -> the canvas cells at the
     candidate positions after the commit (mask_id where still masked), on the device.
 
-    hidden [B, T, D] is the forward's output; `batch` a StepBatch (its
-    candidate tensors and `sampling` inputs); canvas [B, L] is updated in place."""
+    hidden [N, D] is the packed forward's output; `batch` a StepBatch (its
+    candidate tensors and `sampling` inputs); canvas [canvas rows, L] is
+    updated in place."""
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.hidden_index)  # [N, D]
     logits = head(rows)  # [N, V]
     # Never propose the mask token: committing it would leave the cell masked

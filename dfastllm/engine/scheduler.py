@@ -1,42 +1,66 @@
-"""Which requests run at the next denoising step.
+"""Which requests run, and which of them step, at the next denoising step.
 
-Requests wait in arrival order and join the running batch between steps,
-strictly first come first served: the head of the queue joins when the batch
-has a free row (max_batch_size) and the padded batch still fits the token
-budget (max_num_tokens, counted as rows x longest canvas, which is what the
-forward computes over and the cache holds); nothing behind it overtakes it.
-A batch that is empty always takes the head, whatever its size (add_request
-refuses requests that could never fit).
+Two budgets bound the work, both counted in what is really computed or held:
 
-Rows are kept compact (the running requests own rows 0..B-1 in order);
-`compact` says which rows move after requests left.
+* query tokens per step (max_num_batched_tokens): a row costs the tokens it
+  queries this step (its whole canvas at a block's first step or with
+  kv_cache none; its block, or block and tail, in a cached step);
+* KV pages (cached modes): a running request holds the pages of its whole
+  canvas from admission until it leaves.
+
+Admission is strictly first come first served: the head of the queue joins
+when a canvas row is free (max_batch_size), the pool has its pages, and its
+first (full) step fits in the step's token budget beside the running rows'
+next steps; nothing behind it overtakes it. A request that can never fit
+(its canvas alone exceeds the token budget, or needs more pages than the
+whole pool) is refused by `EngineCore.add_request` with a ValueError, so the
+queue never holds one. Nothing running is ever dropped to make room.
+
+Which running rows step: when the running rows' next steps together exceed
+the token budget (several rows starting a block at once), the rows that
+waited longest since their last step go first and the rest wait one step;
+so every row steps within a few steps and none starves. Waiting a step
+changes no request's tokens, only when they come.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
+from dfastllm.engine.kv_cache import CanvasRows, PagePool
 from dfastllm.engine.request import Request
 
 
 class Scheduler:
-    def __init__(self, *, max_batch_size: int, max_num_tokens: int):
+    def __init__(self, *, max_batch_size: int, max_num_batched_tokens: int, canvas: CanvasRows,
+                 pool: PagePool | None, query_tokens: Callable[[Request], int]):
+        """query_tokens(r): what request r queries at its next step."""
         self.max_batch_size = max_batch_size
-        self.max_num_tokens = max_num_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.canvas = canvas
+        self.pool = pool
+        self.query_tokens = query_tokens
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order
         self.live: dict[str, Request] = {}  # waiting or running, by id
+        self._steps = 0  # steps scheduled so far (orders rows by when they last stepped)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
         self.live[request.request_id] = request
 
     def remove(self, request: Request) -> None:
-        """Drop a request wherever it is (finished, aborted, expired, failed)."""
+        """Drop a request wherever it is (finished, aborted, expired, failed);
+        its canvas row and pages go back at once."""
         del self.live[request.request_id]
         if request.slot >= 0:
             self.running.remove(request)
+            self.canvas.release(request.slot)
             request.slot = -1
+            if self.pool is not None:
+                self.pool.release(request.pages)
+                request.pages = []
         else:
             self.waiting.remove(request)
 
@@ -44,30 +68,42 @@ class Scheduler:
         """Live requests whose deadline has passed (not yet removed)."""
         return [r for r in self.live.values() if r.deadline is not None and now >= r.deadline]
 
-    def admit(self) -> list[Request]:
+    def admit(self, make_canvas: Callable[[Request], object]) -> list[Request]:
         """Move waiting requests into the batch, FIFO, within the budgets;
-        -> the newly admitted (their slots assigned after the running ones)."""
+        make_canvas(r) -> the tokens of r's canvas row (if it raises, r is
+        still the head of the queue). -> the newly admitted."""
         admitted = []
-        longest = max((r.canvas_len for r in self.running), default=0)
+        tokens = sum(self.query_tokens(r) for r in self.running)
         while self.waiting:
             head = self.waiting[0]
-            rows = len(self.running) + 1
-            padded = rows * max(longest, head.canvas_len)
-            if self.running and (rows > self.max_batch_size or padded > self.max_num_tokens):
+            if self.running and (len(self.running) >= self.max_batch_size
+                                 or tokens + head.canvas_len > self.max_num_batched_tokens):
                 break
+            if self.pool is not None and self.pool.pages_for(head.canvas_len) > self.pool.num_free:
+                break
+            tokens_of_head = make_canvas(head)  # may raise (device memory): the head stays waiting
             self.waiting.popleft()
-            head.slot = len(self.running)
+            head.slot = self.canvas.allocate(tokens_of_head)
+            if self.pool is not None:
+                head.pages = self.pool.allocate(head.canvas_len)
+            head.last_step = self._steps
             self.running.append(head)
-            longest = max(longest, head.canvas_len)
+            tokens += head.canvas_len
             admitted.append(head)
         return admitted
 
-    def compact(self) -> list[tuple[Request, int]]:
-        """Give the running requests rows 0..B-1 in order; -> (request, old row)
-        for each that moved, in ascending new row (safe to copy in that order)."""
-        moved = []
-        for row, request in enumerate(self.running):
-            if request.slot != row:
-                moved.append((request, request.slot))
-                request.slot = row
-        return moved
+    def select(self) -> list[Request]:
+        """The running rows that step now (within the token budget, longest
+        waiting first, at least one), in ascending canvas row."""
+        order = sorted(self.running, key=lambda r: r.last_step)  # stable: admission order among equals
+        chosen, tokens = [], 0
+        for r in order:
+            cost = self.query_tokens(r)
+            if chosen and tokens + cost > self.max_num_batched_tokens:
+                continue
+            chosen.append(r)
+            tokens += cost
+        self._steps += 1
+        for r in chosen:
+            r.last_step = self._steps
+        return sorted(chosen, key=lambda r: r.slot)

@@ -1,7 +1,12 @@
 """The transformer both model families share: a bidirectional Llama-style
-stack (RMSNorm, half-split RoPE, grouped-query SDPA, SwiGLU) that returns
+stack (RMSNorm, half-split RoPE, grouped-query attention, SwiGLU) that returns
 hidden states before the final norm, with `head` turning only the rows the
 caller asks for into logits, so the engine never builds [B, L, V].
+
+The stack runs over packed tokens [N, d_model]; which token attends to
+which is the `attention` object's business: the engine's ragged batch over
+the paged KV cache (`attention.py`), or a dense [B, T] batch with a mask
+(`forward`, for training, tests and reference decoding).
 
 What differs between families (RoPE precision, q/k/v biases, the logits
 shift, checkpoint names and config fields) is stated in their own files,
@@ -49,16 +54,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache_kv=None, cache_positions=None):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, D]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+    def forward(self, x, cos, sin, attention, layer: int):
+        """x [N, d_model] packed tokens; `attention(layer, q, k, v)` writes the
+        cache if there is one and attends (`RaggedAttention` or `DenseAttention`)."""
+        N = x.shape[0]
+        q = self.wq(x).view(N, self.n_heads, self.head_dim)                         # [N, H, D]
+        k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)                      # [N, Hkv, D]
+        v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)                      # [N, Hkv, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_kv is not None:
-            k, v = write_cache(cache_kv, cache_positions, k, v)                    # [B, Hkv, S, D]
-        y = grouped_sdpa(q, k, v, attn_mask)                                       # [B, H, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        y = attention(layer, q, k, v)                                               # [N, H, D]
+        return self.wo(y.reshape(N, -1))
 
 
 class SwiGLU(nn.Module):
@@ -80,8 +85,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def forward(self, x, cos, sin, attn_mask, cache_kv=None, cache_positions=None):
-        h = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache_kv, cache_positions)
+    def forward(self, x, cos, sin, attention, layer: int):
+        h = x + self.attn(self.attn_norm(x), cos, sin, attention, layer)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -101,18 +106,27 @@ class DiffusionTransformer(nn.Module):
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def forward(self, input_ids, position_ids, attn_mask=None, kv_cache=None, cache_positions=None):
-        """input_ids, position_ids [B, T]; attn_mask [B, 1, T, S] bool (True = may
+        """A dense batch (training, the model tests, reference decoding):
+        input_ids, position_ids [B, T]; attn_mask [B, 1, T, S] bool (True = may
         attend) or None; with kv_cache, new K/V go to cache_positions [B, T] and
-        S is the cache length. Returns unshifted hidden states [B, T, D] before the norm."""
+        S is the cache length. Returns unshifted hidden states [B, T, D] before the norm.
+        The engine runs `forward_packed` instead (a ragged batch, no mask)."""
         if (kv_cache is None) != (cache_positions is None):
             raise ValueError("kv_cache and cache_positions go together")
-        x = self.embed(input_ids)                                                # [B, T, D]
+        B, T = input_ids.shape
+        attention = DenseAttention(B, T, grouped_mask(attn_mask, self.config.n_heads // self.config.n_kv_heads),
+                                   kv_cache, cache_positions)
+        return self.forward_packed(input_ids.reshape(-1), position_ids.reshape(-1), attention).view(B, T, -1)
+
+    def forward_packed(self, input_ids, position_ids, attention):
+        """input_ids, position_ids [N]: the tokens of every row packed together;
+        `attention` says which tokens attend to which (a `RaggedAttention`
+        over `AttentionMetadata`). Returns unshifted hidden states [N, D] before the norm."""
+        x = self.embed(input_ids)                                                # [N, D]
         rope_dtype = torch.float32 if self.rope_in_fp32 else x.dtype
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, rope_dtype)
-        attn_mask = grouped_mask(attn_mask, self.config.n_heads // self.config.n_kv_heads)
         for i, layer in enumerate(self.layers):
-            cache_kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            x = layer(x, cos, sin, attn_mask, cache_kv, cache_positions)
+            x = layer(x, cos, sin, attention, i)
         return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -130,12 +144,13 @@ class DiffusionTransformer(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin [B, 1, T, head_dim] for each row's own positions, computed in
-    fp32 and returned in `dtype` (the precision the rotation runs in)."""
+    """cos/sin [..., 1, head_dim] for position_ids [...] (broadcast over the
+    heads of [..., H, head_dim]), computed in fp32 and returned in `dtype`
+    (the precision the rotation runs in)."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    freqs = position_ids.float()[..., None] * inv_freq                          # [B, T, D/2]
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None]                         # [B, 1, T, D]
+    freqs = position_ids.float()[..., None] * inv_freq                          # [..., D/2]
+    angles = torch.cat([freqs, freqs], dim=-1)[..., None, :]                    # [..., 1, D]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -148,6 +163,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotates in cos/sin's dtype and casts back to x's."""
     xr = x.to(cos.dtype)
     return (xr * cos + rotate_half(xr) * sin).to(x.dtype)
+
+
+class DenseAttention:
+    """The dense batch's attention (`forward`): rows of T tokens, keys masked
+    by attn_mask [B, 1, G*T, S] (from `grouped_mask`), optionally through a
+    dense `KVCache` written at cache_positions [B, T]."""
+
+    def __init__(self, batch: int, length: int, attn_mask, kv_cache=None, cache_positions=None):
+        self.batch, self.length = batch, length
+        self.attn_mask, self.kv_cache, self.cache_positions = attn_mask, kv_cache, cache_positions
+
+    def __call__(self, layer: int, q, k, v):
+        B, T = self.batch, self.length
+        q = q.view(B, T, *q.shape[1:]).transpose(1, 2)                             # [B, H, T, D]
+        k = k.view(B, T, *k.shape[1:]).transpose(1, 2)                             # [B, Hkv, T, D]
+        v = v.view(B, T, *v.shape[1:]).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = write_cache((self.kv_cache.k[layer], self.kv_cache.v[layer]), self.cache_positions, k, v)
+        y = grouped_sdpa(q, k, v, self.attn_mask)                                  # [B, H, T, D]
+        return y.transpose(1, 2).reshape(B * T, y.shape[1], y.shape[-1])
 
 
 def write_cache(cache_kv, cache_positions, k, v):

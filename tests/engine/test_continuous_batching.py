@@ -37,6 +37,40 @@ def assert_batched_equals_alone(loaded, kv_cache):
         assert together[rid][1].finish_reason == "length"
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("kv_cache", ["none", "prefix", "dual"])
+def test_staggered_arrivals_and_cancellations_equal_alone(family, kv_cache, request):
+    """Mixed prompt lengths joining at different steps, a neighbour cancelled
+    mid-batch, and a step budget so small that requests wait to be admitted
+    and, in the cached modes, rows wait a step when several start a block
+    at once: every other request's tokens equal its tokens alone."""
+    loaded = request.getfixturevalue(family)
+    params = SamplingParams(max_tokens=8, block_length=4, steps=8, ignore_eos=True)
+    arrivals = {0: [("a", prompt(5)), ("b", prompt(17, start=50))],
+                2: [("c", prompt(3, start=90)), ("x", prompt(9, start=20))],
+                5: [("d", prompt(11, start=130))]}
+    core = EngineCore(loaded, kv_cache=kv_cache, max_num_batched_tokens=40)
+    tokens, budget_used, waited = {}, [], []
+    for step in range(200):
+        for rid, ids in arrivals.get(step, []):
+            core.add_request(rid, ids, params)
+        if step == 4:
+            assert core.abort("x")
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        budget_used.append(core.stats.last_step_query_tokens)
+        waited.append(core.stats.last_step_rows < core.num_running)  # a running row sat this step out
+        if step > 5 and not core.has_unfinished():
+            break
+    assert not core.has_unfinished() and max(budget_used) <= 40
+    assert any(waited) == (kv_cache != "none")  # without a cache every row costs its canvas at every step
+    for rid, ids in [r for group in arrivals.values() for r in group if r[0] != "x"]:
+        alone = generate(loaded, [(rid, ids, params)], kv_cache=kv_cache)[rid][0]
+        assert tokens[rid] == alone and len(alone) == 8, rid
+    assert core.kv_pages_used == 0
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kv_cache", ["none", "dual"])
 def test_request_joins_between_steps(llada_gqa, kv_cache):
@@ -92,21 +126,24 @@ def test_abort_waiting_request(llada):
 
 def test_admission_is_fifo_within_budgets(llada):
     params = SamplingParams(max_tokens=8, block_length=8, steps=2, ignore_eos=True)
-    # Canvases of 12 tokens; 3 rows x 12 = 36 > 30 tokens, so only two fit.
-    core = EngineCore(llada, max_batch_size=8, max_num_tokens=30)
+    # kv_cache none: every step queries whole canvases of 12 tokens; 3 x 12 = 36 > 30, so only two fit.
+    core = EngineCore(llada, max_batch_size=8, max_num_batched_tokens=30)
     for i in range(3):
         core.add_request(f"r{i}", prompt(4), params)
     core.step()
     assert (core.num_running, core.num_waiting) == (2, 1)
+    assert core.stats.last_step_query_tokens == 24
     run_all(core)
-    # A long head blocks a short request behind it: padded rows x longest counts.
-    core = EngineCore(llada, max_batch_size=8, max_num_tokens=40)
+    # A long head blocks a short request behind it: 10 + 32 tokens > 40.
+    core = EngineCore(llada, max_batch_size=8, max_num_batched_tokens=40)
     core.add_request("small", prompt(2), params)  # 10 tokens
-    core.add_request("big", prompt(20), params)  # 28 tokens: 2 x 28 = 56 > 40
-    core.add_request("tiny", prompt(1), params)
+    core.add_request("big", prompt(24), params)  # 32 tokens
+    core.add_request("tiny", prompt(1), params)  # 9 tokens: would fit, but waits its turn
     core.step()
     assert (core.num_running, core.num_waiting) == (1, 2)
     assert set(run_all(core)) == {"small", "big", "tiny"}
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        core.add_request("huge", prompt(40), params)  # 48 tokens could never run
 
 
 @pytest.mark.timeout(60)
@@ -195,7 +232,7 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on(llada, monkeypatc
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(model, "forward", out_of_memory)
+    monkeypatch.setattr(model, "forward_packed", out_of_memory)
     outputs = core.step()
     assert {o.request_id: o.finish_reason for o in outputs} == {"a": "error", "b": "error"}
     assert all("out of memory" in o.error for o in outputs)

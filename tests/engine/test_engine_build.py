@@ -30,12 +30,12 @@ def test_no_engine_module_imports_the_offline_api():
 
 
 def test_every_setting_reaches_the_core(llada):
-    config = ServerConfig(kv_cache="dual", max_batch_size=3, max_num_tokens=900, max_model_len=200, seed=7,
+    config = ServerConfig(kv_cache="dual", max_batch_size=3, max_num_batched_tokens=900, max_model_len=200, seed=7,
                           cuda_graphs=False)
     for core in (build_engine_core(config, llada), InProcessEngineClient(llada, config).core,
-                 LLM(llada, kv_cache="dual", max_batch_size=3, max_num_tokens=900, max_model_len=200, seed=7,
+                 LLM(llada, kv_cache="dual", max_batch_size=3, max_num_batched_tokens=900, max_model_len=200, seed=7,
                      cuda_graphs=False).engine):
-        assert (core.kv_cache, core.scheduler.max_batch_size, core.scheduler.max_num_tokens, core.max_model_len) \
+        assert (core.kv_cache, core.scheduler.max_batch_size, core.scheduler.max_num_batched_tokens, core.max_model_len) \
             == ("dual", 3, 900, 200)
         assert core._seeds.getrandbits(63) == build_engine_core(config, llada)._seeds.getrandbits(63)
 

@@ -136,7 +136,8 @@ def test_metrics_of_every_process_on_one_page(server, http):
     for name in ("num_requests_running", "num_requests_waiting", "device_memory_used_bytes",
                  "request_success_total", "prompt_tokens_total", "generation_tokens_total",
                  "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds", "denoising_steps_total", "tokens_per_step", "http_requests_total"):
+                 "request_queue_time_seconds", "denoising_steps_total", "tokens_per_step", "http_requests_total",
+                 "kv_cache_pages_used", "kv_cache_pages_free"):
         assert f"dfastllm:{name}" in text, name
     assert 'dfastllm:e2e_request_latency_seconds_bucket{le="600.0"}' in text
     # Requests served by both workers add up on one page, whichever worker renders it.
