@@ -324,17 +324,20 @@ def prepare_core(config: ServerConfig, control):
 
 def inject_step_errors(core, failures: int) -> None:
     """Make the next `failures` forwards of `core`'s model raise, from the
-    outside (a forward pre-hook): the step they belong to fails its requests
-    as an out-of-memory would. CPU tests only: a replayed CUDA graph runs no hooks."""
+    outside (the engine calls `forward_packed`, which runs no module hooks,
+    so it is wrapped): the step they belong to fails its requests as an
+    out-of-memory would. CPU tests only: a replayed CUDA graph calls no Python."""
     remaining = failures
+    forward_packed = core.model.forward_packed
 
-    def fail(module, args) -> None:
+    def fail_then_forward(*args, **kwargs):
         nonlocal remaining
         if remaining > 0:
             remaining -= 1
             raise RuntimeError("injected fault")
+        return forward_packed(*args, **kwargs)
 
-    core.model.register_forward_pre_hook(fail)
+    core.model.forward_packed = fail_then_forward
 
 
 def is_permanent_failure(error: BaseException) -> bool:
