@@ -91,26 +91,30 @@ class Conflict(ApiError):
     default_code = "duplicate_request_id"
 
 
-class RequestTooLarge(ApiError):
+class _BodyLeftUnread(ApiError):
+    """Sent before the whole body was read: the rest of it is never read, so
+    the connection cannot be reused."""
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class RequestTooLarge(_BodyLeftUnread):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
 
     def __init__(self, limit: int):
-        # The rest of the body is never read, so the connection cannot be reused.
-        super().__init__(f"The request body is larger than the limit of {limit} bytes.",
-                         headers={"Connection": "close"})
+        super().__init__(f"The request body is larger than the limit of {limit} bytes.")
 
 
-class RequestTimeout(ApiError):
+class RequestTimeout(_BodyLeftUnread):
     status = 408
     type = "invalid_request_error"
     default_code = "request_timeout"
 
     def __init__(self, body_timeout_s: float):
-        # The rest of the body is never read, so the connection cannot be reused.
-        super().__init__(f"The request body did not arrive within {body_timeout_s:g} s.",
-                         headers={"Connection": "close"})
+        super().__init__(f"The request body did not arrive within {body_timeout_s:g} s.")
 
 
 class IncompleteBody(InvalidRequest):

@@ -46,30 +46,31 @@ def remove_stale_segments(prefix: str = DEFAULT_PREFIX) -> list[str]:
     gone (a crashed run); live runs' segments, and names without a pid,
     are left alone. Returns the names removed."""
     pattern = re.compile(re.escape(prefix) + r"-(\d+)-")
-    removed = []
-    for name in sorted(os.listdir(_SHM_DIR)):
+
+    def orphaned(name: str) -> bool:
         match = pattern.match(name)
-        if match and not pid_alive(int(match.group(1))):
-            try:
-                os.unlink(os.path.join(_SHM_DIR, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass  # another cleaner got there first
-    return removed
+        return bool(match) and not pid_alive(int(match.group(1)))
+
+    return _unlink_segments(orphaned)
 
 
 def remove_run_segments(base_name: str) -> list[str]:
     """Unlink every segment of the run named `base_name` (the layout's and
     any other `<base>-...`, such as the rate-limit table); -> the names removed."""
     _check_base_name(base_name)
+    return _unlink_segments(lambda name: name.startswith(base_name + "-"))
+
+
+def _unlink_segments(chosen) -> list[str]:
+    """Unlink the segments whose name `chosen(name)` picks; -> the names removed."""
     removed = []
     for name in sorted(os.listdir(_SHM_DIR)):
-        if name.startswith(base_name + "-"):
+        if chosen(name):
             try:
                 os.unlink(os.path.join(_SHM_DIR, name))
                 removed.append(name)
             except FileNotFoundError:
-                pass  # another child got there first
+                pass  # another process got there first
     return removed
 
 
