@@ -33,24 +33,25 @@ def request(rid: str, prompt_len: int = 8, max_tokens: int = 8, *, block_length:
             deadline: float | None = None) -> Request:
     """As EngineCore.add_request builds one (LLaDA, no stop ids)."""
     params = SamplingParams(max_tokens=max_tokens, block_length=block_length, ignore_eos=True)
-    params.validate()
     prompt = [40 + i for i in range(prompt_len)]
     return Request(rid, prompt, params, seed=0, mask_id=MASK_ID, stop_ids=frozenset(), deadline=deadline,
                    arrival=time.monotonic())
 
 
-def scheduler(*, rows: int = 4, tokens: int = 1024, pages: int | None = None, cache_mode: str = "dual") -> Scheduler:
-    """pages: KV pages requests can hold (None: no pool, kv_cache none)."""
+def scheduler(*, rows: int = 4, tokens: int = 1024, pages: int | None = None) -> Scheduler:
+    """Query costs as in kv_cache dual; pages: KV pages requests can hold
+    (None: no pool, only rows and tokens bound admission)."""
     canvas = CanvasRows(rows=rows, columns=64, fill_id=PAD_ID, device=torch.device("cpu"))
     pool = None if pages is None else PagePool(n_layers=1, n_kv_heads=1, head_dim=2, dtype=torch.float32,
                                                device=torch.device("cpu"), page_size=PAGE_SIZE,
                                                num_pages=pages + 1)
     return Scheduler(max_batch_size=rows, max_num_batched_tokens=tokens, canvas=canvas, pool=pool,
-                     query_tokens=lambda r: _span(query_extent(r, cache_mode, 0)))
+                     query_tokens=query_tokens)
 
 
-def _span(extent: tuple[int, int]) -> int:
-    return extent[1] - extent[0]
+def query_tokens(r: Request) -> int:
+    start, end = query_extent(r, "dual", 0)
+    return end - start
 
 
 def canvas_of(r: Request) -> torch.Tensor:
