@@ -7,7 +7,9 @@ these rules, and the server then refuses it with 400 and names the rule:
 - `context_length_exceeded`: prompt tokens + max_tokens over the model's
   context (the HTTP contract's validation table);
 - `steps` or `block_length` over max_tokens (the request's, else the
-  server's default).
+  server's default);
+- Dream's `alg` against `threshold` (threshold decoding ranks by the
+  token's probability) and `alg_temp` against `alg` origin (no ranking).
 A 400 for a request the document allows is a failure unless it is one of
 these; every other failure stands.
 """
@@ -20,7 +22,8 @@ import schemathesis
 
 SCHEMA_VALID_REJECTED = "ST202"
 RULES_ACROSS_FIELDS = {("context_length_exceeded", "prompt"), ("context_length_exceeded", "max_tokens"),
-                       ("invalid_value", "steps"), ("invalid_value", "block_length")}
+                       ("invalid_value", "steps"), ("invalid_value", "block_length"),
+                       ("invalid_value", "alg"), ("invalid_value", "alg_temp")}
 
 
 @schemathesis.hook
