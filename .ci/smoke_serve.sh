@@ -10,21 +10,18 @@ cd "$(dirname "$0")/.."
 port=${SMOKE_PORT:-8000}
 work=$(mktemp -d)
 log="$work/serve.log"
-trap 'kill -KILL "${serve_pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap '[ -z "${serve_pid:-}" ] || kill -KILL -- "-$serve_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 cmd=$(awk '/^# install and serve$/ {getline; print; exit}' README.md)
 [ -n "$cmd" ] || { echo "README.md has no '# install and serve' command" >&2; exit 1; }
 case "$cmd" in *"dfastllm serve"*) ;; *) echo "the serve command does not run 'dfastllm serve': $cmd" >&2; exit 1 ;; esac
 
-# Our segments only: those a crashed run of another tool left are not ours to judge.
-shm_segments() { ls /dev/shm 2>/dev/null | grep '^dfastllm-' | sort || true; }
-before=$(shm_segments)
-
 python3 -m venv "$work/venv"
 echo "+ (fresh venv) $cmd"
 # The port: the README line serves on the default 8000; a CI host may have
 # it taken, so the flag's environment variable moves it without editing the line.
-( . "$work/venv/bin/activate"; DFASTLLM_PORT=$port exec bash -c "$cmd" ) >"$log" 2>&1 &
+# Its own process group (setsid), so a failed check can stop all of it.
+( . "$work/venv/bin/activate"; DFASTLLM_PORT=$port exec setsid bash -c "$cmd" ) >"$log" 2>&1 &
 serve_pid=$!
 
 fail() { echo "smoke test failed: $*" >&2; echo "--- last lines of the server log" >&2; tail -n 40 "$log" >&2; exit 1; }
@@ -48,6 +45,10 @@ echo "chat answer: $answer"
 # SIGTERM to the supervisor itself (the bash running the README line waits on it).
 supervisor=$(pgrep -f "$work/venv/bin/dfastllm serve" | head -n 1)
 [ -n "$supervisor" ] || fail "no 'dfastllm serve' process found"
+# This run's segments only (named dfastllm-<supervisor pid>-...): other
+# servers on the host have their own.
+run_segments() { ls /dev/shm 2>/dev/null | grep "^dfastllm-$supervisor-" || true; }
+[ -n "$(run_segments)" ] || fail "no shared-memory segment named dfastllm-$supervisor-* while serving"
 kill -TERM "$supervisor"
 set +e
 wait "$serve_pid"
@@ -55,6 +56,6 @@ status=$?
 set -e
 serve_pid=
 [ "$status" = 0 ] || fail "dfastllm serve exited with $status after SIGTERM"
-after=$(shm_segments)
-[ "$before" = "$after" ] || fail "shared-memory segments left in /dev/shm: $(comm -13 <(echo "$before") <(echo "$after") | tr '\n' ' ')"
+left=$(run_segments)
+[ -z "$left" ] || fail "shared-memory segments left in /dev/shm: $(echo $left)"
 echo "SIGTERM: exit 0, /dev/shm clean"
