@@ -67,3 +67,30 @@ def check_int64(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"{name} must be an int64 integer or tensor, got {value!r}")
     return value
+
+
+def check_tensor(name: str, value, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor argument with this shape, dtype and device whose last dim is
+    contiguous (any other strides), or ValueError naming it."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise ValueError(f"{name} must be a {dtype} tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} like the other tensors, got {value.device}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    if value.dim() and value.shape[-1] > 1 and value.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {value.stride()}")
+    return value
+
+
+def rows_of(name: str, value: torch.Tensor) -> tuple[int, int]:
+    """(rows, row stride) of [..., dim] seen as [rows, dim]: its leading dims
+    must flatten to one stride (a contiguous tensor or a slice of rows)."""
+    try:
+        flat = value.view(-1, value.shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{name}'s leading dims must flatten into rows of one stride, got shape "
+                         f"{list(value.shape)} strides {value.stride()}") from None
+    return flat.shape[0], flat.stride(0) if flat.shape[0] > 1 else flat.shape[1]
