@@ -49,18 +49,21 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        # q|k|v in one matrix: one GEMM reads the layer's input once.
+        self.wqkv = nn.Linear(c.d_model, q_rows + 2 * kv_rows, bias=qkv_bias)
+        self.wo = nn.Linear(q_rows, c.d_model, bias=False)
+        self.fused_parts = {"wqkv": (("wq", q_rows), ("wk", kv_rows), ("wv", kv_rows))}
 
     def forward(self, x, cos, sin, attention, layer: int):
         """x [N, d_model] packed tokens; `attention(layer, q, k, v)` writes the
         cache if there is one and attends (`RaggedAttention` or `DenseAttention`)."""
         N = x.shape[0]
-        q = self.wq(x).view(N, self.n_heads, self.head_dim)                         # [N, H, D]
-        k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)                      # [N, Hkv, D]
-        v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)                      # [N, Hkv, D]
+        q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                      self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.reshape(N, self.n_heads, self.head_dim)                               # [N, H, D]
+        k = k.reshape(N, self.n_kv_heads, self.head_dim)                            # [N, Hkv, D]
+        v = v.reshape(N, self.n_kv_heads, self.head_dim)                            # [N, Hkv, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attention(layer, q, k, v)                                               # [N, H, D]
         return self.wo(y.reshape(N, -1))
@@ -69,12 +72,15 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.hidden = hidden
+        # gate|up in one matrix: one GEMM reads the layer's input once.
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.fused_parts = {"w_gate_up": (("w_gate", hidden), ("w_up", hidden))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate_up(x).split(self.hidden, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -141,6 +147,24 @@ class DiffusionTransformer(nn.Module):
         if self.logits_shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
+
+    def checkpoint_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter under the name a checkpoint's tensor maps to (the
+        families' name tables): the fused q|k|v and gate|up matrices appear as
+        their parts (`attn.wq.weight`, ..., `mlp.w_up.weight`), each a view of
+        its rows, so the loader fills them in place and an exporter reads them."""
+        views, fused_linears = {}, set()
+        for prefix, module in self.named_modules():
+            for fused, parts in getattr(module, "fused_parts", {}).items():
+                linear = getattr(module, fused)
+                fused_linears.add(linear)
+                for kind, tensor in linear.named_parameters():
+                    views |= zip((f"{prefix}.{part}.{kind}" for part, _ in parts),
+                                 tensor.split([rows for _, rows in parts]))
+        for prefix, module in self.named_modules():
+            if module not in fused_linears:
+                views |= {f"{prefix}.{n}".lstrip("."): p for n, p in module.named_parameters(recurse=False)}
+        return views
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
