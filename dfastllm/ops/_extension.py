@@ -85,12 +85,12 @@ def check_tensor(name: str, value, shape: tuple[int, ...], dtype: torch.dtype, d
     return value
 
 
-def rows_of(name: str, value: torch.Tensor) -> tuple[int, int]:
-    """(rows, row stride) of [..., dim] seen as [rows, dim]: its leading dims
-    must flatten to one stride (a contiguous tensor or a slice of rows)."""
-    try:
-        flat = value.view(-1, value.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"{name}'s leading dims must flatten into rows of one stride, got shape "
-                         f"{list(value.shape)} strides {value.stride()}") from None
-    return flat.shape[0], flat.stride(0) if flat.shape[0] > 1 else flat.shape[1]
+def as_rows(value: torch.Tensor) -> torch.Tensor:
+    """[..., dim] as [rows, dim] of one row stride: a view when the leading
+    dims flatten to one stride (a contiguous tensor, a slice of rows), else a
+    contiguous copy (a slice of a slice), as `reshape` does."""
+    return value.reshape(-1, value.shape[-1])
+
+
+def row_stride(rows: torch.Tensor) -> int:
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dfastllm.ops._extension import DTYPE_CODES, _C, check_tensor, device_args, rows_of
+from dfastllm.ops._extension import DTYPE_CODES, _C, as_rows, check_tensor, device_args, row_stride
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -18,10 +18,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even (gate | up), got {gate_up.shape[-1]}")
     dim = gate_up.shape[-1] // 2
-    rows, stride = rows_of("gate_up", gate_up)
+    rows = as_rows(gate_up)
     out = torch.empty(*gate_up.shape[:-1], dim, dtype=gate_up.dtype, device=gate_up.device)
     if dim:
-        _C.silu_mul(**device_args(gate_up), gate_up=gate_up.data_ptr(), gate_up_stride=stride,
-                    out=out.data_ptr(), dtype=DTYPE_CODES[gate_up.dtype], rows=rows, dim=dim,
+        _C.silu_mul(**device_args(gate_up), gate_up=rows.data_ptr(), gate_up_stride=row_stride(rows),
+                    out=out.data_ptr(), dtype=DTYPE_CODES[gate_up.dtype], rows=rows.shape[0], dim=dim,
                     num_threads=torch.get_num_threads())
     return out

@@ -1,14 +1,19 @@
 """Attention over a ragged batch (`dfastllm.models.attention`) against its
 plain-torch reference: rows of different query and key lengths, grouped
 heads, pages scattered over the pool in any order, fresh random inputs (never
-zeros). The grouped-SDPA path here (the CPU's); the flash path on a GPU."""
+zeros), RoPE at random positions applied by the rope_write_kv kernel (or its
+reference) on the way in. The grouped-SDPA path here (the CPU's); the flash
+path on a GPU."""
 
 import itertools
 
 import pytest
 import torch
 
-from dfastllm.models.attention import AttentionMetadata, PagedKVCache, RaggedAttention, ragged_attention_reference
+from dfastllm.models.attention import (AttentionMetadata, Heads, PagedKVCache, RaggedAttention,
+                                       ragged_attention_reference)
+from dfastllm.models.layers import rope_cos_sin
+from dfastllm.ops import rope_write_kv_reference
 
 
 def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, device):
@@ -25,9 +30,8 @@ def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, devi
     if paged:  # two rows of one shape: the grouped path batches them
         shapes.append(shapes[0])
     n_tokens = sum(q for _, q, _ in shapes)
-    q = torch.randn(n_tokens, heads, head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(n_tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
-    v = torch.randn(n_tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
+    qkv = torch.randn(n_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
+    positions = torch.cat([torch.arange(start, start + q_len) for start, q_len, _ in shapes]).to(device)
     cu, pages, slots, tables = [0], [], [], []
     num_pages = 1 + sum(-(-length // page_size) for *_, length in shapes)
     order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()  # page 0 stays scratch
@@ -50,23 +54,31 @@ def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, devi
         host_seqlens_k=[length for *_, length in shapes], host_pages=pages if paged else [])
     cache = None
     if paged:  # every key of every row holds random K/V already (earlier steps wrote them)
-        shape = (num_pages, page_size, kv_heads, head_dim)
-        cache = PagedKVCache(k=[torch.randn(shape, generator=gen).to(device, dtype)],
-                             v=[torch.randn(shape, generator=gen).to(device, dtype)])
-    return q, k, v, meta, cache
+        shape = (2, num_pages, page_size, kv_heads, head_dim)
+        cache = PagedKVCache(kv=[torch.randn(shape, generator=gen).to(device, dtype)])
+    return qkv, positions, meta, cache
 
 
-def _check(device, dtype, paged, page_size, kv_heads, tol):
+def _check(device, dtype, paged, page_size, kv_heads, tol, plain_torch=False):
     gen = torch.Generator().manual_seed(page_size * 7 + kv_heads + paged)
+    heads = Heads(n_heads=4, n_kv_heads=kv_heads, head_dim=16, rope_in_fp32=True)
     for _ in range(2):  # fresh inputs each round
-        q, k, v, meta, cache = _case(gen, heads=4, kv_heads=kv_heads, head_dim=16, rows=5, page_size=page_size,
-                                     paged=paged, dtype=dtype, device=device)
+        qkv, positions, meta, cache = _case(gen, heads=4, kv_heads=kv_heads, head_dim=16, rows=5,
+                                            page_size=page_size, paged=paged, dtype=dtype, device=device)
+        cos, sin = rope_cos_sin(positions, 16, 10000.0)
+        # The rotated q, k (and v) in plain torch, K/V into a scratch page of every token.
+        n = qkv.shape[0]
+        scratch = torch.empty(2, 1, n, kv_heads, 16, dtype=dtype, device=device)
+        q = rope_write_kv_reference(qkv[None], cos[None], sin[None], scratch[0], scratch[1],
+                                    torch.arange(n, device=device)[None], n_heads=4, rotate_in_fp32=True)[0]
+        k, v = scratch[0, 0], scratch[1, 0]
         ref_pages = (cache.k[0].clone(), cache.v[0].clone()) if paged else (None, None)
         expected = ragged_attention_reference(q, k, v, meta, *ref_pages)
-        got = RaggedAttention(meta, cache)(0, q, k, v)
+        got = RaggedAttention(meta, cache)(0, qkv, cos, sin, heads, plain_torch=plain_torch)
         torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
         if paged:  # the query tokens' K/V were written where the reference put them
-            torch.testing.assert_close(cache.k[0], ref_pages[0], atol=0, rtol=0)
+            # k rotated by the kernel: within the kernel's parity bound of the reference (fp32 ULPs)
+            torch.testing.assert_close(cache.k[0], ref_pages[0], atol=tol, rtol=tol)
             torch.testing.assert_close(cache.v[0], ref_pages[1], atol=0, rtol=0)
 
 
@@ -75,6 +87,12 @@ def _check(device, dtype, paged, page_size, kv_heads, tol):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_grouped_sdpa_matches_reference(paged, kv_heads, page_size):
     _check(torch.device("cpu"), torch.float32, paged, page_size, kv_heads, 1e-5)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_plain_torch_rope_matches_reference(paged):
+    """Training's path: the rope_write_kv reference instead of the kernel."""
+    _check(torch.device("cpu"), torch.float32, paged, 16, 2, 1e-5, plain_torch=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -90,6 +108,6 @@ def test_metadata_and_cache_go_together():
     meta = AttentionMetadata(cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32),
                              cu_seqlens_k=torch.tensor([0, 2], dtype=torch.int32),
                              seqlens_k=torch.tensor([2], dtype=torch.int32), max_seqlen_q=2, max_seqlen_k=2)
-    cache = PagedKVCache(k=[torch.randn(2, 4, 1, 8)], v=[torch.randn(2, 4, 1, 8)])
+    cache = PagedKVCache(kv=[torch.randn(2, 2, 4, 1, 8)])
     with pytest.raises(ValueError, match="together"):
         RaggedAttention(meta, cache)

@@ -10,9 +10,11 @@ from dfastllm.ops import add_rms_norm, add_rms_norm_reference
 
 from .conftest import DEVICES, DTYPES
 
-# One unit in the last place of each dtype (relative): the kernel sums the
-# squares in another order than torch, which may move a rounding by one.
-ULP = {torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+# The kernel sums the squares in another order than torch, which may move the
+# rounding of the normed row by one unit in the dtype's last place, and the
+# product with the weight to two (relative units: the largest gap between
+# neighbours of each dtype).
+ULPS = {torch.float32: 4e-6, torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}
 
 
 def _rows(shape, dtype, device, gen, *, pad=0):
@@ -34,12 +36,12 @@ def test_matches_reference(device, dtype, with_residual, gen):
     assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
     # The sum is one rounded add, as in torch: bit for bit.
     torch.testing.assert_close(new_residual.cpu(), ref_residual, atol=0, rtol=0)
-    torch.testing.assert_close(out.cpu(), ref_out, atol=ULP[dtype], rtol=ULP[dtype])
+    torch.testing.assert_close(out.cpu(), ref_out, atol=ULPS[dtype], rtol=ULPS[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_three_dims_and_a_single_row(device, gen):
-    x = _rows((2, 3, 64), torch.float32, device, gen)
+    x = _rows((2, 5, 64), torch.float32, device, gen)[:, 1:4]  # rows of two strides
     residual = _rows((2, 3, 64), torch.float32, device, gen)
     weight = torch.randn(64, generator=gen).to(device)
     out, new_residual = add_rms_norm(x, weight, 1e-6, residual)
@@ -61,7 +63,5 @@ def test_bad_arguments_are_named():
         add_rms_norm(x, torch.ones(8), 1e-5, torch.randn(4, 9))
     with pytest.raises(ValueError, match="contiguous in its last dim"):
         add_rms_norm(x.t(), torch.ones(4), 1e-5)
-    with pytest.raises(ValueError, match="flatten into rows"):
-        add_rms_norm(torch.randn(4, 6, 8)[:, :3], torch.ones(8), 1e-5)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         add_rms_norm(x, torch.ones(8), -1.0)

@@ -11,6 +11,9 @@ from dfastllm.ops import rope_write_kv, rope_write_kv_reference
 
 from .conftest import DEVICES, DTYPES
 
+# One unit in the last place (relative: the largest gap between neighbours of
+# each dtype): rotating in fp32, the kernel may contract a product and a sum
+# into one FMA where torch rounds both, which can move the final rounding.
 ULP = {torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
