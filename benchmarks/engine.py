@@ -418,6 +418,8 @@ def kv_bytes_per_token(core: EngineCore) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
+    source.add_argument("--count-ops", action="store_true",
+                        help="print the compute ops per layer per step (LLaDA and Dream, CPU) and exit")
     source.add_argument("--model", help="checkpoint directory or hub id")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape, built on the device")
     parser.add_argument("--device", default="auto")
@@ -446,9 +448,12 @@ def main(argv=None) -> int:
     parser.add_argument("--through-process", action="store_true",
                         help="send the requests to a real engine process through an EngineClient")
     args = parser.parse_args(argv)
+    if args.count_ops:
+        from op_count import report  # benchmarks/op_count.py, beside this file
+        return 0 if report() else 1
     if args.model is None and args.shape is None:
         if not (args.arrivals or args.load):
-            parser.error("one of --model or --shape is required")
+            parser.error("one of --model, --shape or --count-ops is required")
         args.shape = "d256"  # issue 15's configuration
     args.prompt_len = args.prompt_len or (384 if args.arrivals else 64)
     args.kv_cache = args.kv_cache or (["dual"] if args.arrivals and not args.load else ["none", "dual"])

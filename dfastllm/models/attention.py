@@ -91,7 +91,9 @@ class AttentionMetadata:
     max_seqlen_q: int  # upper bounds over the rows (a captured graph uses its bucket's)
     max_seqlen_k: int
     block_tables: torch.Tensor | None = None  # [B, max_pages] int32 page ids (paged cache)
-    slot_mapping: torch.Tensor | None = None  # [N] int64 pool slot each query token's K/V goes to (contiguous)
+    # [N] int64 contiguous: the slot each query token's K/V goes to, in the pool (paged), else in a
+    # scratch page of the step's own tokens (token i -> slot i).
+    slot_mapping: torch.Tensor | None = None
     page_size: int = 0  # tokens per page (paged cache)
     # Host copies for the grouped implementation: per row its query and key lengths and pages.
     host_seqlens_q: list[int] = dataclasses.field(default_factory=list)
@@ -155,24 +157,21 @@ class RaggedAttention:
     def __init__(self, metadata: AttentionMetadata, cache: PagedKVCache | None = None):
         if metadata.paged != (cache is not None):
             raise ValueError("a paged cache and block tables go together")
+        if metadata.slot_mapping is None:
+            raise ValueError("the metadata needs a slot_mapping (without a cache: token i -> slot i)")
         self.meta = metadata
         self.cache = cache
         self._groups = None  # the grouped implementation's row groups, built at the first layer
         self._key_slots = None  # the flash implementation's gathered keys' slots (pages it cannot read)
-        self._scratch_slots = None  # without a cache: token i's K/V go to slot i of a scratch page
 
     def __call__(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: Heads, *,
                  plain_torch: bool = False) -> torch.Tensor:
         meta = self.meta
-        N = qkv.shape[0]
         if self.cache is not None:
-            kv, slots = self.cache.kv[layer], meta.slot_mapping               # [2, P, page_size, Hkv, D]
-        else:  # this step's K/V only, in one page of N slots
-            kv = qkv.new_empty(2, 1, N, heads.n_kv_heads, heads.head_dim)
-            if self._scratch_slots is None:
-                self._scratch_slots = torch.arange(N, device=qkv.device)
-            slots = self._scratch_slots
-        q = rope_write_kv(qkv[None], cos[None], sin[None], kv[0], kv[1], slots[None], heads,
+            kv = self.cache.kv[layer]                                          # [2, P, page_size, Hkv, D]
+        else:  # this step's K/V only, in one scratch page of N slots
+            kv = qkv.new_empty(2, 1, qkv.shape[0], heads.n_kv_heads, heads.head_dim)
+        q = rope_write_kv(qkv[None], cos[None], sin[None], kv[0], kv[1], meta.slot_mapping[None], heads,
                           plain_torch=plain_torch)[0]                          # [N, H, D]
         grouped_heads = heads.n_heads != heads.n_kv_heads
         if flash_usable(q.dtype, q.device, q.shape[-1], grouped_heads):

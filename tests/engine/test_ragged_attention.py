@@ -49,7 +49,7 @@ def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, devi
         seqlens_k=torch.tensor([length for *_, length in shapes], dtype=torch.int32, device=device),
         max_seqlen_q=max(q_len for _, q_len, _ in shapes), max_seqlen_k=max(length for *_, length in shapes),
         block_tables=torch.tensor(tables, dtype=torch.int32, device=device) if paged else None,
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device) if paged else None,
+        slot_mapping=torch.tensor(slots if paged else range(n_tokens), dtype=torch.long, device=device),
         page_size=page_size if paged else 0, host_seqlens_q=[q_len for _, q_len, _ in shapes],
         host_seqlens_k=[length for *_, length in shapes], host_pages=pages if paged else [])
     cache = None
