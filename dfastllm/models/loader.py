@@ -37,10 +37,12 @@ from dfastllm.checkpoints import (  # noqa: F401 (API)
     retry_with_backoff,
 )
 from dfastllm.models import dream, llada
+from dfastllm.models.fp8 import quantize_fp8
 from dfastllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+QUANTIZATIONS = (None, "fp8")
 READ_ATTEMPTS = 4  # tries at reading a local checkpoint while its I/O errors look transient
 
 # family (checkpoints.MODEL_FAMILIES) -> (config class, model class, name table).
@@ -64,21 +66,26 @@ class LoadedModel:
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
-               download=None, attempts: int = READ_ATTEMPTS, base_delay_s: float = 1.0, max_delay_s: float = 30.0,
-               sleep=time.sleep, progress_bar: bool = False) -> LoadedModel:
+               quantization: str | None = None, download=None, attempts: int = READ_ATTEMPTS,
+               base_delay_s: float = 1.0, max_delay_s: float = 30.0, sleep=time.sleep,
+               progress_bar: bool = False) -> LoadedModel:
     """dtype defaults to bf16 on CUDA (the checkpoints' native dtype) and fp32
     elsewhere (CPU bf16 matmuls are slow and lose precision for no gain).
     `download(repo_id) -> directory` replaces the hub client (tests). Reading
     the files gets up to `attempts` tries while its errors look transient
     (`is_transient`); the download retries on its own terms. `progress_bar`:
-    draw a bar on stderr while reading the weights (for a terminal)."""
+    draw a bar on stderr while reading the weights (for a terminal).
+    quantization: None, or "fp8" (e4m3 block weights, `dfastllm.models.fp8`)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     directory = resolve_checkpoint(path_or_hub_id, download=download, sleep=sleep)
-    return retry_with_backoff(lambda: _load_directory(directory, device, dtype, progress_bar),
+    return retry_with_backoff(lambda: _load_directory(directory, device, dtype, quantization, progress_bar),
                               what=f"reading the checkpoint {directory}", attempts=attempts,
                               base_delay_s=base_delay_s, max_delay_s=max_delay_s, sleep=sleep)
 
 
-def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_bar: bool) -> LoadedModel:
+def _load_directory(directory: str, device, dtype: torch.dtype | None, quantization: str | None,
+                    progress_bar: bool) -> LoadedModel:
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -113,6 +120,8 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_
 
     _read_weights(files, names, targets, directory, progress_bar)
     model.eval().requires_grad_(False)
+    if quantization == "fp8":
+        quantize_fp8(model)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
                        path=directory, **ids)
 
