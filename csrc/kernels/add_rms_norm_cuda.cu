@@ -3,6 +3,7 @@
 // second, so the residual it wrote is never read by another thread.
 // Products are rounded explicitly (__fmul_rn), never contracted into FMAs,
 // to round where torch rounds. Semantics: dfastllm/ops/reference.py.
+#include <algorithm>
 #include <climits>
 
 #include "kernels/cuda_store.cuh"
