@@ -77,10 +77,8 @@ def _steps_metric(client) -> float | None:
 def ask_offline(args, tasks):
     """(reply text, steps) per task, through dfastllm.LLM in this process."""
     from dfastllm import LLM, SamplingParams
-    from dfastllm.models import load_model
 
-    path = args.model or DEFAULT_MODEL_DIR
-    llm = LLM(model=load_model(path, quantization=args.quantization) if args.quantization else path)
+    llm = LLM(model=args.model or DEFAULT_MODEL_DIR, quantization=args.quantization or "none")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, threshold=args.threshold)
     outputs = llm.chat([[{"role": "user", "content": t.prompt}] for t in tasks], params)
     return [(out.text, out.num_steps) for out in outputs], args.model or DEFAULT_MODEL_DIR

@@ -67,3 +67,12 @@ def test_unknown_quantization_and_unsupported_scaled_mm_are_refused(llada_dir, m
     with pytest.raises(ValueError, match=r"quantization fp8 needs torch\._scaled_mm with row-wise scales "
                                          r"and torch.float32 output on cpu.*per-tensor scaling only"):
         load_model(llada_dir, quantization="fp8")
+
+
+def test_the_quantization_setting_reaches_the_loader(llada_dir):
+    """`--quantization fp8` (ServerConfig, LLM) loads the projections in e4m3; "none" leaves them."""
+    fp8 = LLM(llada_dir, quantization="fp8")
+    assert isinstance(fp8.loaded.model.layers[0].mlp.w_down, Fp8Linear)
+    assert isinstance(LLM(llada_dir).loaded.model.layers[0].mlp.w_down, torch.nn.Linear)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(llada_dir, quantization="int4")
