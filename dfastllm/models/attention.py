@@ -240,7 +240,8 @@ def _row_groups(meta: AttentionMetadata, device) -> list[_Group]:
             k_index = np.concatenate([_row_slots(meta.host_pages[b], k_len, meta.page_size) for b in rows])
         else:
             k_index = q_index
-        groups.append((len(rows), q_len, k_len, _start_if_range(q_index), None if meta.paged else _start_if_range(k_index)))
+        k_start = None if meta.paged else _start_if_range(k_index)
+        groups.append((len(rows), q_len, k_len, _start_if_range(q_index), k_start))
         indices += [q_index, k_index]
     # One upload for every group's indices.
     sizes = [a.size for a in indices]

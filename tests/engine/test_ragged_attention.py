@@ -16,8 +16,9 @@ from dfastllm.models.layers import rope_cos_sin
 from dfastllm.ops import rope_write_kv_reference
 
 
-def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, device):
-    """Random rows: (query start, query length, canvas length) and their metadata."""
+def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, device, uniform=False):
+    """Random rows: (query start, query length, canvas length) and their metadata
+    (uniform: every row of the first row's shape, the steady state's one group)."""
     shapes = []
     for _ in range(rows):
         length = int(torch.randint(1, 50, (1,), generator=gen))
@@ -27,7 +28,9 @@ def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, devi
         else:  # without a cache a row queries its whole canvas
             start, end = 0, length
         shapes.append((start, end - start, length))
-    if paged:  # two rows of one shape: the grouped path batches them
+    if uniform:
+        shapes = [shapes[0]] * rows
+    elif paged:  # two rows of one shape: the grouped path batches them
         shapes.append(shapes[0])
     n_tokens = sum(q for _, q, _ in shapes)
     qkv = torch.randn(n_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
@@ -59,12 +62,13 @@ def _case(gen, *, heads, kv_heads, head_dim, rows, page_size, paged, dtype, devi
     return qkv, positions, meta, cache
 
 
-def _check(device, dtype, paged, page_size, kv_heads, tol, plain_torch=False):
+def _check(device, dtype, paged, page_size, kv_heads, tol, plain_torch=False, uniform=False):
     gen = torch.Generator().manual_seed(page_size * 7 + kv_heads + paged)
     heads = Heads(n_heads=4, n_kv_heads=kv_heads, head_dim=16, rope_in_fp32=True)
     for _ in range(2):  # fresh inputs each round
         qkv, positions, meta, cache = _case(gen, heads=4, kv_heads=kv_heads, head_dim=16, rows=5,
-                                            page_size=page_size, paged=paged, dtype=dtype, device=device)
+                                            page_size=page_size, paged=paged, dtype=dtype, device=device,
+                                            uniform=uniform)
         cos, sin = rope_cos_sin(positions, 16, 10000.0)
         # The rotated q, k (and v) in plain torch, K/V into a scratch page of every token.
         n = qkv.shape[0]
@@ -87,6 +91,13 @@ def _check(device, dtype, paged, page_size, kv_heads, tol, plain_torch=False):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_grouped_sdpa_matches_reference(paged, kv_heads, page_size):
     _check(torch.device("cpu"), torch.float32, paged, page_size, kv_heads, 1e-5)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_one_group_of_every_row_matches_reference(paged, kv_heads):
+    """All rows of one shape: one SDPA over the whole pack, its output returned in place."""
+    _check(torch.device("cpu"), torch.float32, paged, 16, kv_heads, 1e-5, uniform=True)
 
 
 @pytest.mark.parametrize("paged", [False, True])
