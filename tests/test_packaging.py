@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"dfastllm", "server", "serve_process", "engine_harness", "http_harness", "asgi_driver",
-        "model_reference", "tiny_tasks", "train_tiny", "_parity", "helpers"}
+        "model_reference", "tiny_tasks", "train_tiny", "_parity", "helpers", "op_count"}
 
 
 def _normalise(name: str) -> str:
