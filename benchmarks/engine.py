@@ -57,6 +57,7 @@ import torch
 from dfastllm import SamplingParams
 from dfastllm.engine import EngineCore
 from dfastllm.models import LoadedModel, load_model
+from dfastllm.models.fp8 import quantize_fp8
 from dfastllm.models.llada import LLaDAConfig, LLaDAModel
 
 SHAPES = {
@@ -148,8 +149,10 @@ def synthetic_model(shape: str, device: torch.device, dtype: torch.dtype) -> Loa
 def weights_read_ms(model: torch.nn.Module, repeats: int = 5) -> tuple[float, float]:
     """-> (ms to read once every weight but the embedding, GB of them): half
     the best time to copy each into a scratch buffer of the largest one."""
-    params = [p.detach().reshape(-1) for name, p in model.named_parameters() if not name.startswith("embed")]
-    scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    # As bytes: fp8 weights (buffers) and their scales count as they are stored.
+    params = [t.detach().reshape(-1).view(torch.uint8) for name, t in model.state_dict().items()
+              if not name.startswith("embed")]
+    scratch = torch.empty(max(p.numel() for p in params), dtype=torch.uint8, device=params[0].device)
     best = float("inf")
     for _ in range(repeats):
         _sync(scratch.device)
@@ -158,7 +161,7 @@ def weights_read_ms(model: torch.nn.Module, repeats: int = 5) -> tuple[float, fl
             scratch[:p.numel()].copy_(p)
         _sync(scratch.device)
         best = min(best, time.perf_counter() - started)
-    return best * 1e3 / 2, sum(p.numel() * p.element_size() for p in params) / 1e9
+    return best * 1e3 / 2, sum(p.numel() for p in params) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -418,6 +421,8 @@ def kv_bytes_per_token(core: EngineCore) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
+    source.add_argument("--count-ops", action="store_true",
+                        help="print the compute ops per layer per step (LLaDA and Dream, CPU) and exit")
     source.add_argument("--model", help="checkpoint directory or hub id")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape, built on the device")
     parser.add_argument("--device", default="auto")
@@ -442,13 +447,19 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt", type=int, default=1024)
     parser.add_argument("--max-batch-size", type=int, default=None, help="--arrivals/--load: default all requests")
     parser.add_argument("--label", default="", help="a tag printed with each --arrivals/--load figure")
+    parser.add_argument("--quantization", choices=("fp8",), default=None, help="weights in fp8 (e4m3)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="on a GPU: also time a plain-PyTorch cached block step (benchmarks/baseline_step.py)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--through-process", action="store_true",
                         help="send the requests to a real engine process through an EngineClient")
     args = parser.parse_args(argv)
+    if args.count_ops:
+        from op_count import report  # benchmarks/op_count.py, beside this file
+        return 0 if report() else 1
     if args.model is None and args.shape is None:
         if not (args.arrivals or args.load):
-            parser.error("one of --model or --shape is required")
+            parser.error("one of --model, --shape or --count-ops is required")
         args.shape = "d256"  # issue 15's configuration
     args.prompt_len = args.prompt_len or (384 if args.arrivals else 64)
     args.kv_cache = args.kv_cache or (["dual"] if args.arrivals and not args.load else ["none", "dual"])
@@ -463,16 +474,27 @@ def main(argv=None) -> int:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     started = time.perf_counter()
     loaded = (synthetic_model(args.shape, device, dtype) if args.shape
-              else load_model(args.model, device=device, dtype=dtype))
+              else load_model(args.model, device=device, dtype=dtype, quantization=args.quantization))
+    if args.quantization == "fp8" and args.shape:  # a checkpoint converts in load_model
+        quantize_fp8(loaded.model)
     load_s = time.perf_counter() - started
     special = {loaded.mask_token_id, loaded.eos_token_id, loaded.pad_token_id, loaded.eot_token_id} - {None}
     report = dict(model=args.model or args.shape, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                  quantization=args.quantization,
                   threads=torch.get_num_threads(), load_s=round(load_s, 2),
                   params=sum(p.numel() for p in loaded.model.parameters()), results=[])
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
         read_ms, read_gb = weights_read_ms(loaded.model)
         report.update(weights_read_ms=round(read_ms, 3), weights_read_gb=round(read_gb, 2))
+
+    if args.baseline and device.type == "cuda":
+        from baseline_step import baseline_step_ms  # benchmarks/baseline_step.py, beside this file
+        report["baseline_step_ms"] = {
+            b: round(baseline_step_ms(loaded.model, batch_size=b, context=args.prompt_len + args.max_tokens,
+                                      block_length=args.block_length), 3) for b in args.batch_sizes}
+        print(f"plain-PyTorch baseline cached block step (one CUDA graph): {report['baseline_step_ms']} ms",
+              file=sys.stderr)
 
     if args.arrivals or args.load:
         scenarios(args, loaded, special, report)

@@ -38,6 +38,9 @@ class ServerConfig:
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = _field("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32",
                         choices=("auto", "bfloat16", "float16", "float32"))
+    quantization: str = _field("none", "weights of the transformer blocks' projections: none (in dtype) or fp8 "
+                               "(e4m3, a scale per output channel, torch._scaled_mm; refused where it cannot run)",
+                               choices=("none", "fp8"))
     kv_cache: str = _field("none", "KV cache mode: none (exact reference), prefix or dual",
                            choices=("none", "prefix", "dual"))
     max_model_len: int | None = _field(None, "prompt + max_tokens limit; default: the model's max_sequence_length")

@@ -36,13 +36,15 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel | None = None, *, device: str = "auto",
-                 dtype: str | torch.dtype | None = None, kv_cache: str = "none", max_batch_size: int = 32,
+                 dtype: str | torch.dtype | None = None, quantization: str = "none", kv_cache: str = "none",
+                 max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9,
                  max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = True):
         """model: checkpoint directory or hub id (None: the embedded tiny model),
         or a model already loaded with `load_model` (device and dtype then unused).
         device: "auto" (CUDA when available), "cpu", "cuda[:N]". dtype: None or
         "auto" (bf16 on CUDA, fp32 on CPU), a name or a torch dtype.
+        quantization: "none" or "fp8" (the blocks' projections in e4m3; `dfastllm.models.fp8`).
         seed: makes the seeds of requests that give none reproducible.
         cuda_graphs: replay cached steps' forwards as CUDA graphs (CUDA, kv_cache dual/prefix).
         The engine is built as the server builds its own (`dfastllm.engine.build`)."""
@@ -53,7 +55,7 @@ class LLM:
                 raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype}")
             dtype = names[dtype]
         config = ServerConfig(model=None if loaded is not None or model is None else os.fspath(model),
-                              device=device, dtype=dtype or "auto", kv_cache=kv_cache,
+                              device=device, dtype=dtype or "auto", quantization=quantization, kv_cache=kv_cache,
                               max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
                               kv_cache_memory=kv_cache_memory,
                               max_model_len=max_model_len, seed=seed, cuda_graphs=cuda_graphs)

@@ -10,7 +10,8 @@
 #      graphs and the embedded model on the GPU);
 #   3. runs the kernel benchmark on CUDA (and a quick CPU case) and the
 #      engine benchmark on the 8B LLaDA shape (random weights, context 416,
-#      block 32, batch 1 and 8; cached steps with and without CUDA graphs),
+#      block 32, batch 1 and 8; cached steps with and without CUDA graphs,
+#      beside a plain-PyTorch baseline step; then fp8 weights at batch 1),
 #      then staggered against together arrivals on that shape (kv_cache dual,
 #      384-token prompts, 128 new tokens, block 32) with 8 and 32 requests;
 #   4. prints a short summary table last.
@@ -70,9 +71,14 @@ engine_bench_rc=0
 if [ "${1:-}" != "--no-engine-bench" ]; then
   say "engine benchmark (8B LLaDA shape)"
   timeout 200 "$PY" benchmarks/engine.py --shape llada-8b --prompt-len 160 --max-tokens 256 \
-    --cuda-graphs off on --json >"$OUT_DIR/bench-engine.log" 2>&1
+    --cuda-graphs off on --baseline --json >"$OUT_DIR/bench-engine.log" 2>&1
   engine_bench_rc=$?
   grep -v '^{' "$OUT_DIR/bench-engine.log"
+  say "engine benchmark (8B LLaDA shape, fp8 weights, batch 1)"
+  timeout 120 "$PY" benchmarks/engine.py --shape llada-8b --prompt-len 160 --max-tokens 256 --quantization fp8 \
+    --kv-cache dual --batch-sizes 1 --json >"$OUT_DIR/bench-engine-fp8.log" 2>&1
+  engine_bench_rc=$((engine_bench_rc | $?))
+  grep -v '^{' "$OUT_DIR/bench-engine-fp8.log"
   for n in 8 32; do
     say "engine benchmark: staggered vs together arrivals, $n requests (8B LLaDA shape)"
     timeout 300 "$PY" benchmarks/engine.py --shape llada-8b --arrivals together staggered --requests "$n" \
@@ -127,6 +133,25 @@ for n in (8, 32):
         print(f"arrivals, {n} requests, dual: together {rows['together']['tokens_per_s']:.1f} tok/s, staggered "
               f"{rows['staggered']['tokens_per_s']:.1f} tok/s ({ratio}x); steps with a full row "
               f"{rows['together']['full_step_share']:.0%} / {rows['staggered']['full_step_share']:.0%}")
+# Issue #16's targets, side by side: our cached block step, the plain-PyTorch
+# baseline and fp8, each against the time to read the weights once.
+fp8_log = out / "bench-engine-fp8.log"
+fp8_lines = [l for l in fp8_log.read_text(errors="replace").splitlines() if l.startswith("{")] if fp8_log.exists() else []
+if lines:
+    floor = engine.get("weights_read_ms")
+    ours = {r["batch_size"]: r["block_step_ms"] for r in engine["results"]
+            if r["kv_cache"] == "dual" and r["cuda_graphs"] and r["block_step_ms"]}
+    for b, base in sorted(engine.get("baseline_step_ms", {}).items(), key=lambda kv: int(kv[0])):
+        mine = ours.get(int(b))
+        print(f"batch {b}: cached block step {mine} ms ({mine / floor:.2f}x read; target "
+              f"{'1.25' if int(b) == 1 else '1.5'}x), plain-PyTorch baseline {base} ms ({base / floor:.2f}x read)"
+              if mine and floor else f"batch {b}: baseline {base} ms")
+    if fp8_lines and ours.get(1):
+        fp8 = json.loads(fp8_lines[-1])
+        step = next((r["block_step_ms"] for r in fp8["results"] if r["block_step_ms"]), None)
+        if step:
+            print(f"fp8 batch 1: cached block step {step} ms = {step / ours[1]:.2f}x bf16 (target 0.7x); "
+                  f"fp8 weights read once {fp8.get('weights_read_ms')} ms")
 ok = test_rc == bench_rc == engine_test_rc == engine_bench_rc == 0
 print("GPU CHECK", "PASSED" if ok else "FAILED")
 sys.exit(0 if ok else 1)

@@ -78,7 +78,7 @@ def ask_offline(args, tasks):
     """(reply text, steps) per task, through dfastllm.LLM in this process."""
     from dfastllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model or DEFAULT_MODEL_DIR)
+    llm = LLM(model=args.model or DEFAULT_MODEL_DIR, quantization=args.quantization or "none")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, threshold=args.threshold)
     outputs = llm.chat([[{"role": "user", "content": t.prompt}] for t in tasks], params)
     return [(out.text, out.num_steps) for out in outputs], args.model or DEFAULT_MODEL_DIR
@@ -97,6 +97,7 @@ def report(tasks, results, args, model, seconds) -> dict:
         "model": model,
         "mode": "offline" if args.offline else "server",
         "kv_cache": args.kv_cache,
+        "quantization": args.quantization,
         "threshold": args.threshold,
         "max_tokens": args.max_tokens,
         "questions": len(tasks),
@@ -119,6 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--per-family", type=int, default=100, help="held-out questions per family")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threshold", type=float, default=None, help="parallel decoding threshold (default: off)")
+    p.add_argument("--quantization", choices=("fp8",), default=None, help="offline: weights in fp8 (e4m3)")
     p.add_argument("--kv-cache", default=None, help="the server's kv-cache mode, recorded in the report only")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (server mode)")
     p.add_argument("--api-key", default=os.environ.get("DFASTLLM_API_KEY"))

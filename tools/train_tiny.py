@@ -299,7 +299,7 @@ def evaluate(model: LLaDAModel, tokenizer: Tokenizer, tasks: list[tiny_tasks.Tas
 
 
 def save_checkpoint(model: LLaDAModel, config: dict, out_dir: str) -> None:
-    ours = model.state_dict()
+    ours = model.checkpoint_parameters()  # the fused q|k|v and gate|up split back into parts
     tensors = {ckpt: ours[name].to(torch.bfloat16).contiguous() for ckpt, name in checkpoint_names(model.config).items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "kernels/layer_params.h"
 #include "kernels/params.h"
 #include "kernels/philox.h"
 
@@ -176,6 +177,170 @@ void commit_tokens(const std::string& device, int device_index, uintptr_t canvas
   commit_tokens_cpu(p);
 }
 
+// ---- transformer-layer kernels (layer_params.h) ----------------------------
+
+void require_dtype(int dtype, const char* op) {
+  require(dtype >= 0 && dtype <= 2, op, "dtype", "must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", dtype);
+}
+
+void add_rms_norm(const std::string& device, int device_index, uintptr_t x, int64_t x_stride,
+                  uintptr_t residual, int64_t residual_stride, uintptr_t weight, uintptr_t out,
+                  uintptr_t residual_out, int dtype, int64_t rows, int64_t dim, double eps, int num_threads,
+                  uintptr_t stream) {
+  constexpr const char* op = "add_rms_norm";
+  const Device dev = parse_device(device, device_index, op);
+  require_dtype(dtype, op);
+  require(rows >= 0, op, "rows", "must be >= 0, got ", rows);
+  require(dim > 0, op, "dim", "must be > 0, got ", dim);
+  require(x_stride >= dim || rows <= 1, op, "x_stride", "must be >= dim (", dim, "), got ", x_stride);
+  require(residual == 0 || residual_stride >= dim || rows <= 1, op, "residual_stride", "must be >= dim (", dim,
+          "), got ", residual_stride);
+  require(eps >= 0.0, op, "eps", "must be >= 0, got ", eps);
+  require((residual == 0) == (residual_out == 0), op, "residual_out",
+          "must be given exactly when residual is (the sum goes there)");
+  require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
+  if (rows == 0) return;
+  const size_t align = dtype_size(dtype);
+  require_pointer(x, align, true, op, "x");
+  require_pointer(residual, align, residual != 0, op, "residual");
+  require_pointer(weight, align, true, op, "weight");
+  require_pointer(out, align, true, op, "out");
+  require_pointer(residual_out, align, residual != 0, op, "residual_out");
+
+  AddRmsNormParams p{};
+  p.x = reinterpret_cast<const void*>(x);
+  p.x_stride = x_stride;
+  p.residual = reinterpret_cast<const void*>(residual);
+  p.residual_stride = residual_stride;
+  p.weight = reinterpret_cast<const void*>(weight);
+  p.out = reinterpret_cast<void*>(out);
+  p.residual_out = reinterpret_cast<void*>(residual_out);
+  p.dtype = DType(dtype);
+  p.rows = rows;
+  p.dim = dim;
+  p.eps = float(eps);
+  p.num_threads = num_threads;
+  p.device = device_index;
+  p.stream = reinterpret_cast<void*>(stream);
+
+  py::gil_scoped_release no_gil;
+#ifdef DFASTLLM_WITH_CUDA
+  if (dev == Device::kCuda) return add_rms_norm_cuda(p);
+#endif
+  (void)dev;
+  add_rms_norm_cpu(p);
+}
+
+void silu_mul(const std::string& device, int device_index, uintptr_t gate_up, int64_t gate_up_stride, uintptr_t out,
+              int dtype, int64_t rows, int64_t dim, int num_threads, uintptr_t stream) {
+  constexpr const char* op = "silu_mul";
+  const Device dev = parse_device(device, device_index, op);
+  require_dtype(dtype, op);
+  require(rows >= 0, op, "rows", "must be >= 0, got ", rows);
+  require(dim > 0, op, "dim", "must be > 0, got ", dim);
+  require(gate_up_stride >= 2 * dim || rows <= 1, op, "gate_up_stride", "must be >= 2 * dim (", 2 * dim, "), got ",
+          gate_up_stride);
+  require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
+  if (rows == 0) return;
+  require_pointer(gate_up, dtype_size(dtype), true, op, "gate_up");
+  require_pointer(out, dtype_size(dtype), true, op, "out");
+
+  SiluMulParams p{};
+  p.gate_up = reinterpret_cast<const void*>(gate_up);
+  p.gate_up_stride = gate_up_stride;
+  p.out = reinterpret_cast<void*>(out);
+  p.dtype = DType(dtype);
+  p.rows = rows;
+  p.dim = dim;
+  p.num_threads = num_threads;
+  p.device = device_index;
+  p.stream = reinterpret_cast<void*>(stream);
+
+  py::gil_scoped_release no_gil;
+#ifdef DFASTLLM_WITH_CUDA
+  if (dev == Device::kCuda) return silu_mul_cuda(p);
+#endif
+  (void)dev;
+  silu_mul_cpu(p);
+}
+
+void rope_write_kv(const std::string& device, int device_index, uintptr_t qkv, int64_t qkv_stride_b,
+                   int64_t qkv_stride_t, uintptr_t cos, uintptr_t sin, uintptr_t q_out, int64_t q_stride_b,
+                   int64_t q_stride_t, int64_t q_stride_h, uintptr_t k_cache, uintptr_t v_cache,
+                   int64_t cache_stride_page, int64_t cache_stride_slot, int64_t cache_stride_head,
+                   int64_t num_pages, int64_t page_size, uintptr_t slot_mapping, int dtype, int64_t batch,
+                   int64_t tokens, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool rotate_in_fp32,
+                   int num_threads, uintptr_t stream) {
+  constexpr const char* op = "rope_write_kv";
+  const Device dev = parse_device(device, device_index, op);
+  require_dtype(dtype, op);
+  require(batch >= 0, op, "batch", "must be >= 0, got ", batch);
+  require(tokens >= 0, op, "tokens", "must be >= 0, got ", tokens);
+  require(n_heads > 0, op, "n_heads", "must be > 0, got ", n_heads);
+  require(n_kv_heads > 0, op, "n_kv_heads", "must be > 0, got ", n_kv_heads);
+  require(head_dim > 0 && head_dim % 2 == 0, op, "head_dim", "must be even and > 0, got ", head_dim);
+  const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
+  require(qkv_stride_t >= width || tokens <= 1, op, "qkv_stride_t", "must be >= (n_heads + 2 * n_kv_heads) * "
+          "head_dim (", width, "), got ", qkv_stride_t);
+  require(qkv_stride_b >= 0, op, "qkv_stride_b", "must be >= 0, got ", qkv_stride_b);
+  require(q_stride_h >= head_dim || n_heads == 1, op, "q_stride_h", "must be >= head_dim (", head_dim, "), got ",
+          q_stride_h);
+  require(q_stride_b >= 0 && q_stride_t >= 0, op, "q_stride_b/q_stride_t", "must be >= 0, got ", q_stride_b, " and ",
+          q_stride_t);
+  require(num_pages >= 0, op, "num_pages", "must be >= 0, got ", num_pages);
+  require(page_size > 0, op, "page_size", "must be > 0, got ", page_size);
+  require(cache_stride_head >= head_dim || n_kv_heads == 1, op, "cache_stride_head", "must be >= head_dim (",
+          head_dim, "), got ", cache_stride_head);
+  require(cache_stride_slot >= 0 && cache_stride_page >= 0, op, "cache strides", "must be >= 0, got ",
+          cache_stride_page, " and ", cache_stride_slot);
+  require(num_threads >= 1, op, "num_threads", "must be >= 1, got ", num_threads);
+  if (batch == 0 || tokens == 0) return;
+  const size_t align = dtype_size(dtype);
+  require_pointer(qkv, align, true, op, "qkv");
+  require_pointer(cos, 4, true, op, "cos");
+  require_pointer(sin, 4, true, op, "sin");
+  require_pointer(q_out, align, true, op, "q_out");
+  require_pointer(k_cache, align, num_pages > 0, op, "k_cache");
+  require_pointer(v_cache, align, num_pages > 0, op, "v_cache");
+  require_pointer(slot_mapping, 8, true, op, "slot_mapping");
+
+  RopeWriteKvParams p{};
+  p.qkv = reinterpret_cast<const void*>(qkv);
+  p.qkv_stride_b = qkv_stride_b;
+  p.qkv_stride_t = qkv_stride_t;
+  p.cos = reinterpret_cast<const float*>(cos);
+  p.sin = reinterpret_cast<const float*>(sin);
+  p.q_out = reinterpret_cast<void*>(q_out);
+  p.q_stride_b = q_stride_b;
+  p.q_stride_t = q_stride_t;
+  p.q_stride_h = q_stride_h;
+  p.k_cache = reinterpret_cast<void*>(k_cache);
+  p.v_cache = reinterpret_cast<void*>(v_cache);
+  p.cache_stride_page = cache_stride_page;
+  p.cache_stride_slot = cache_stride_slot;
+  p.cache_stride_head = cache_stride_head;
+  p.num_pages = num_pages;
+  p.page_size = page_size;
+  p.slot_mapping = reinterpret_cast<const int64_t*>(slot_mapping);
+  p.dtype = DType(dtype);
+  p.batch = batch;
+  p.tokens = tokens;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_heads;
+  p.head_dim = head_dim;
+  p.rotate_in_fp32 = rotate_in_fp32;
+  p.num_threads = num_threads;
+  p.device = device_index;
+  p.stream = reinterpret_cast<void*>(stream);
+
+  py::gil_scoped_release no_gil;
+#ifdef DFASTLLM_WITH_CUDA
+  if (dev == Device::kCuda) return rope_write_kv_cuda(p);
+#endif
+  (void)dev;
+  rope_write_kv_cpu(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -199,6 +364,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_cand"), py::arg("k"), py::arg("threshold"), py::arg("mask_id"), py::arg("committed"),
         py::arg("eligible"), py::arg("num_threads"), py::arg("stream"),
         "Commits chosen candidates into canvas in place and writes per-sequence counts.");
+
+  m.def("add_rms_norm", &add_rms_norm, py::kw_only(), py::arg("device"), py::arg("device_index"), py::arg("x"),
+        py::arg("x_stride"), py::arg("residual"), py::arg("residual_stride"), py::arg("weight"), py::arg("out"),
+        py::arg("residual_out"), py::arg("dtype"), py::arg("rows"), py::arg("dim"), py::arg("eps"),
+        py::arg("num_threads"), py::arg("stream"),
+        "out = weight * rms_norm(x + residual); residual_out = x + residual (residual 0: norm of x).");
+
+  m.def("silu_mul", &silu_mul, py::kw_only(), py::arg("device"), py::arg("device_index"), py::arg("gate_up"),
+        py::arg("gate_up_stride"), py::arg("out"), py::arg("dtype"), py::arg("rows"), py::arg("dim"),
+        py::arg("num_threads"), py::arg("stream"), "out = silu(gate) * up of the fused gate|up rows.");
+
+  m.def("rope_write_kv", &rope_write_kv, py::kw_only(), py::arg("device"), py::arg("device_index"),
+        py::arg("qkv"), py::arg("qkv_stride_b"), py::arg("qkv_stride_t"), py::arg("cos"), py::arg("sin"),
+        py::arg("q_out"), py::arg("q_stride_b"), py::arg("q_stride_t"), py::arg("q_stride_h"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("cache_stride_page"), py::arg("cache_stride_slot"),
+        py::arg("cache_stride_head"), py::arg("num_pages"), py::arg("page_size"), py::arg("slot_mapping"),
+        py::arg("dtype"), py::arg("batch"), py::arg("tokens"), py::arg("n_heads"), py::arg("n_kv_heads"),
+        py::arg("head_dim"), py::arg("rotate_in_fp32"), py::arg("num_threads"), py::arg("stream"),
+        "RoPE on q (into q_out) and k, and k/v written into their paged-cache slots.");
 
   // Known-answer hooks for the tests: the same Philox the kernels use.
   m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {

@@ -13,7 +13,8 @@ the sum of the rows' query lengths): nothing is padded to the longest row
 and no mask exists. `AttentionMetadata` says where each row's queries are
 (cumulative offsets) and how many keys it has (its canvas length); in the
 cached modes, also its block table and the pool slot of each query token,
-where that token's K/V is written before attention reads the pages.
+where that token's K/V is written before attention reads the pages
+(kv_cache none: token i's slot is i, in a scratch page of the step's tokens).
 
 A step replayed as a CUDA graph (`pad_to`) is padded up to its bucket of
 tokens and rows: the padding tokens form one extra row that attends only
@@ -84,7 +85,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
 
     pages = [r.pages for r in requests] if cached else []
     table = np.zeros((0, 0), dtype=np.int64)
-    slot_mapping = np.zeros(0, dtype=np.int64)
+    slot_mapping = np.arange(n_tokens, dtype=np.int64)  # kv_cache none: the step's own scratch page
     if cached:
         width = pad_to[2] if pad_to else max(len(p) for p in pages)
         table = np.zeros((n_rows, width), dtype=np.int64)
@@ -125,7 +126,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     attn = AttentionMetadata(
         cu_seqlens_q=cu_q_t.to(torch.int32), cu_seqlens_k=cu_k_t.to(torch.int32), seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q,
         max_seqlen_k=max_k, block_tables=table_t.view(table.shape).to(torch.int32) if cached else None,
-        slot_mapping=slot_mapping_t if cached else None, page_size=page_size,
+        slot_mapping=slot_mapping_t, page_size=page_size,
         host_seqlens_q=q_len.tolist(), host_seqlens_k=lengths.tolist(), host_pages=pages)
     return StepBatch(
         rows=n_rows, input_ids=canvas.view(-1).index_select(0, canvas_index_t), position_ids=positions_t,

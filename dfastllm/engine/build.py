@@ -39,7 +39,7 @@ def resolve_dtype(dtype: str) -> torch.dtype | None:
 
 def load_served_model(config: ServerConfig, *, progress_bar: bool = False) -> LoadedModel:
     """The checkpoint `config.model` names (None: the embedded tiny model)
-    on `config.device` in `config.dtype`."""
+    on `config.device` in `config.dtype`, its projections in fp8 if `config.quantization` says so."""
     model = config.model
     if model is None:
         model = DEFAULT_MODEL_DIR
@@ -47,6 +47,7 @@ def load_served_model(config: ServerConfig, *, progress_bar: bool = False) -> Lo
             raise FileNotFoundError(f"the embedded default model is missing ({model} has no config.json); "
                                     "name a checkpoint directory or hub id")
     return load_model(model, device=resolve_device(config.device), dtype=resolve_dtype(config.dtype),
+                      quantization=None if config.quantization == "none" else config.quantization,
                       progress_bar=progress_bar)
 
 

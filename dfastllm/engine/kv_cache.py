@@ -51,10 +51,9 @@ class PagePool:
             raise ValueError(f"the KV pool needs at least 2 pages (one is scratch), got {num_pages}")
         self.page_size = page_size
         self.num_pages = num_pages
-        shape = (num_pages, page_size, n_kv_heads, head_dim)
+        shape = (2, num_pages, page_size, n_kv_heads, head_dim)  # K and V of a layer in one tensor
         # Zeros, not empty: no cell may hold NaN, even one that only padding reads.
-        self.cache = PagedKVCache(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                                  v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+        self.cache = PagedKVCache(kv=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
         self._free = list(range(num_pages - 1, 0, -1))  # page 0 is the scratch page
 
     @property

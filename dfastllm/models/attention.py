@@ -10,6 +10,12 @@ A step packs the query tokens of every row into one token dimension
   `PagedKVCache`, found through the row's block table, and every query
   token first writes its own K/V at slot_mapping (page * page_size + offset).
 
+A layer hands over its fused q|k|v projection [N, (H + 2 Hkv) * D] and the
+tokens' RoPE angles; one `rope_write_kv` kernel rotates q and k and writes
+k and v into the pages (without a cache: into one scratch page of this
+step's N tokens), then the attention reads them. Training and autocast take
+the kernel's plain-torch reference instead (`plain_torch`).
+
 Attention is bidirectional within a row and never crosses rows. Three
 implementations of the same contract:
 
@@ -18,16 +24,17 @@ implementations of the same contract:
   page size suits the kernel (torch's FA2 wants multiples of 256), else
   over the rows' keys gathered into one packed tensor;
 * `grouped`: scaled_dot_product_attention per group of rows with the same
-  (query, key) lengths (in steady state all cached rows form one group), over
-  keys gathered from the pages: its cost follows the real tokens. The CPU's,
-  and CUDA's in fp32;
+  (query, key) lengths (in steady state all rows form one group), over keys
+  gathered from the pages (K and V in one gather): its cost follows the
+  real tokens. A group of consecutive rows reads its queries (and, without
+  a cache, its keys) in place and, when it is the whole pack, is the output
+  with no copy: one SDPA call with grouped heads. The CPU's, and CUDA's in fp32;
 * `ragged_attention_reference`: plain torch, one row and one head at a
   time, for the parity tests.
 
 `AttentionMetadata` is built by the engine (`engine/batch.py`); a model
-forward takes it inside a `RaggedAttention`, whose call does the K/V write
-and the attention of one layer. A fused kernel (RoPE + page write, say)
-plugs in by replacing that call.
+forward takes it inside a `RaggedAttention`, whose call does the RoPE, the
+K/V write and the attention of one layer.
 """
 
 from __future__ import annotations
@@ -46,22 +53,33 @@ try:  # torch >= 2.10
 except ImportError:  # an older torch: the grouped SDPA path everywhere
     varlen_attn = None
 
+from dfastllm import ops
+from dfastllm.ops.reference import rope_write_kv_reference
+
 # torch's FA2 reads paged K/V only for pages of a multiple of this many tokens.
 FLASH_PAGE_MULTIPLE = 256
 
 
 @dataclasses.dataclass
 class PagedKVCache:
-    """K/V pages of every layer: k[layer], v[layer] are [num_pages, page_size, Hkv, D]
-    (the layout flash attention's block table addresses). Allocated once by
-    the engine (`engine/kv_cache.py`); models only write and read through
-    `RaggedAttention`."""
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    """K/V pages of every layer: kv[layer] is [2, num_pages, page_size, Hkv, D],
+    K then V, so k[layer], v[layer] are [num_pages, page_size, Hkv, D] (the
+    layout flash attention's block table addresses) and one gather reads a
+    row's K and V. Allocated once by the engine (`engine/kv_cache.py`);
+    models only write and read through `RaggedAttention`."""
+    kv: list[torch.Tensor]
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        return [layer[0] for layer in self.kv]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [layer[1] for layer in self.kv]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[1]
+        return self.kv[0].shape[2]
 
 
 @dataclasses.dataclass
@@ -73,7 +91,9 @@ class AttentionMetadata:
     max_seqlen_q: int  # upper bounds over the rows (a captured graph uses its bucket's)
     max_seqlen_k: int
     block_tables: torch.Tensor | None = None  # [B, max_pages] int32 page ids (paged cache)
-    slot_mapping: torch.Tensor | None = None  # [N] int64 pool slot each query token's K/V goes to
+    # [N] int64 contiguous: the slot each query token's K/V goes to, in the pool (paged), else in a
+    # scratch page of the step's own tokens (token i -> slot i).
+    slot_mapping: torch.Tensor | None = None
     page_size: int = 0  # tokens per page (paged cache)
     # Host copies for the grouped implementation: per row its query and key lengths and pages.
     host_seqlens_q: list[int] = dataclasses.field(default_factory=list)
@@ -103,44 +123,74 @@ def flash_reads_pages(page_size: int) -> bool:
     return {"block_table", "seqused_k"} <= _varlen_params() and page_size % FLASH_PAGE_MULTIPLE == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """How a layer's fused projection splits and rotates: q|k|v rows of
+    n_heads, n_kv_heads, n_kv_heads heads of head_dim; RoPE in fp32 and
+    rounded once (LLaDA) or in the model dtype (Qwen2/Dream)."""
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_in_fp32: bool
+
+
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pages: torch.Tensor,
+                  v_pages: torch.Tensor, slot_mapping: torch.Tensor, heads: Heads, *, plain_torch: bool,
+                  q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE on q and k of qkv [B, T, (H + 2 Hkv) * D] (angles cos, sin fp32
+    [B, T, D/2]) and k, v written into the pages [P, S, Hkv, D] at
+    slot_mapping [B, T]: the `dfastllm.ops.rope_write_kv` kernel, or its
+    plain-torch reference (plain_torch). -> q [B, T, H, D] (q_out when given)."""
+    if plain_torch:
+        q = rope_write_kv_reference(qkv, cos, sin, k_pages, v_pages, slot_mapping, n_heads=heads.n_heads,
+                                    rotate_in_fp32=heads.rope_in_fp32)
+        return q if q_out is None else q_out.copy_(q)
+    return ops.rope_write_kv(qkv, cos, sin, k_pages, v_pages, slot_mapping, n_heads=heads.n_heads,
+                             rotate_in_fp32=heads.rope_in_fp32, q_out=q_out)
+
+
 class RaggedAttention:
     """One forward's attention: called per layer with that layer's packed
-    q [N, H, D], k, v [N, Hkv, D] (RoPE applied) -> [N, H, D]."""
+    q|k|v projection [N, (H + 2 Hkv) * D] and RoPE angles cos, sin fp32
+    [N, D/2] -> [N, H, D]."""
 
     def __init__(self, metadata: AttentionMetadata, cache: PagedKVCache | None = None):
         if metadata.paged != (cache is not None):
             raise ValueError("a paged cache and block tables go together")
+        if metadata.slot_mapping is None:
+            raise ValueError("the metadata needs a slot_mapping (without a cache: token i -> slot i)")
         self.meta = metadata
         self.cache = cache
         self._groups = None  # the grouped implementation's row groups, built at the first layer
         self._key_slots = None  # the flash implementation's gathered keys' slots (pages it cannot read)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: Heads, *,
+                 plain_torch: bool = False) -> torch.Tensor:
         meta = self.meta
-        k_pages = v_pages = None
         if self.cache is not None:
-            k_pages, v_pages = self.cache.k[layer], self.cache.v[layer]
-            write_pages(k_pages, v_pages, meta.slot_mapping, k, v)
-        if flash_usable(q.dtype, q.device, q.shape[-1], q.shape[1] != k.shape[1]):
-            if k_pages is not None and not flash_reads_pages(meta.page_size) and self._key_slots is None:
+            kv = self.cache.kv[layer]                                          # [2, P, page_size, Hkv, D]
+        else:  # this step's K/V only, in one scratch page of N slots
+            kv = qkv.new_empty(2, 1, qkv.shape[0], heads.n_kv_heads, heads.head_dim)
+        q = rope_write_kv(qkv[None], cos[None], sin[None], kv[0], kv[1], meta.slot_mapping[None], heads,
+                          plain_torch=plain_torch)[0]                          # [N, H, D]
+        grouped_heads = heads.n_heads != heads.n_kv_heads
+        if flash_usable(q.dtype, q.device, q.shape[-1], grouped_heads):
+            if self.cache is None:
+                return _flash(q, kv[0, 0], kv[1, 0], None, None, meta)
+            if not flash_reads_pages(meta.page_size) and self._key_slots is None:
                 slots = [_row_slots(p, n, meta.page_size) for p, n in zip(meta.host_pages, meta.host_seqlens_k)]
                 self._key_slots = torch.from_numpy(np.concatenate(slots)).to(q.device, non_blocking=True)
-            return _flash(q, k, v, k_pages, v_pages, meta, self._key_slots)
+            return _flash(q, None, None, kv[0], kv[1], meta, self._key_slots)
         if self._groups is None:
             self._groups = _row_groups(meta, q.device)
-        return _grouped(q, k, v, k_pages, v_pages, self._groups)
-
-
-def write_pages(k_pages, v_pages, slot_mapping, k, v) -> None:
-    """Scatter k, v [N, Hkv, D] into the pages at slot_mapping [N] (in place)."""
-    k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v)
+        return _grouped(q, kv, self._groups)
 
 
 # ---- flash (CUDA) -------------------------------------------------------------
 def _flash(q, k, v, k_pages, v_pages, meta: AttentionMetadata, key_slots=None) -> torch.Tensor:
+    """k, v [N, Hkv, D] without a cache, else k_pages, v_pages."""
     common = {}
-    if q.shape[1] != k.shape[1]:
+    if q.shape[1] != (k if k_pages is None else k_pages).shape[-2]:
         common["enable_gqa"] = True
     if "num_splits" in _varlen_params():
         common["num_splits"] = 1  # a row's result must not depend on the rest of the batch
@@ -171,6 +221,8 @@ class _Group:
     k_len: int
     q_index: torch.Tensor  # [rows * q_len] pack tokens of the rows' queries, row after row
     k_index: torch.Tensor  # [rows * k_len] their keys: pool slots (paged) or pack tokens
+    q_start: int | None  # the queries are pack tokens [q_start, q_start + rows * q_len) (consecutive rows)
+    k_start: int | None  # the keys are slots [k_start, k_start + rows * k_len) (no cache, consecutive rows)
 
 
 def _row_groups(meta: AttentionMetadata, device) -> list[_Group]:
@@ -188,31 +240,43 @@ def _row_groups(meta: AttentionMetadata, device) -> list[_Group]:
             k_index = np.concatenate([_row_slots(meta.host_pages[b], k_len, meta.page_size) for b in rows])
         else:
             k_index = q_index
-        groups.append((len(rows), q_len, k_len))
+        k_start = None if meta.paged else _start_if_range(k_index)
+        groups.append((len(rows), q_len, k_len, _start_if_range(q_index), k_start))
         indices += [q_index, k_index]
     # One upload for every group's indices.
     sizes = [a.size for a in indices]
     flat = torch.from_numpy(np.concatenate(indices).astype(np.int64)).to(device, non_blocking=True)
     parts = torch.split(flat, sizes)
-    return [_Group(n, ql, kl, parts[2 * i], parts[2 * i + 1]) for i, (n, ql, kl) in enumerate(groups)]
+    return [_Group(n, ql, kl, parts[2 * i], parts[2 * i + 1], qs, ks) for i, (n, ql, kl, qs, ks) in enumerate(groups)]
 
 
-def _grouped(q, k, v, k_pages, v_pages, groups: list[_Group]) -> torch.Tensor:
+def _start_if_range(index: np.ndarray) -> int | None:
+    """index[0] if index is consecutive integers (a slice reads them in place), else None."""
+    return int(index[0]) if np.array_equal(index, np.arange(index[0], index[0] + index.size)) else None
+
+
+def _grouped(q, kv, groups: list[_Group]) -> torch.Tensor:
+    """q [N, H, D]; kv [2, P, page_size, Hkv, D]: the pages, or without a
+    cache one scratch page holding the pack's own K/V."""
     N, H, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    key_source = k if k_pages is None else k_pages.view(-1, Hkv, D)
-    value_source = v if v_pages is None else v_pages.view(-1, Hkv, D)
-    out = torch.empty_like(q)
+    Hkv = kv.shape[-2]
+    source = kv.view(2, -1, Hkv, D)                                                # [2, slots, Hkv, D]
+    whole = len(groups) == 1 and groups[0].q_start == 0 and groups[0].rows * groups[0].q_len == N
+    out = None if whole else torch.empty_like(q)
     for g in groups:
-        # Query heads sharing a K/V head are folded into the query length: no K/V copy per head.
-        qg = q.index_select(0, g.q_index).view(g.rows, g.q_len, Hkv, G, D)
-        qg = qg.permute(0, 2, 3, 1, 4).reshape(g.rows, Hkv, G * g.q_len, D)                  # [n, Hkv, G*Lq, D]
-        kg = key_source.index_select(0, g.k_index).view(g.rows, g.k_len, Hkv, D).transpose(1, 2)  # [n, Hkv, Lk, D]
-        vg = value_source.index_select(0, g.k_index).view(g.rows, g.k_len, Hkv, D).transpose(1, 2)
-        y = F.scaled_dot_product_attention(qg, kg, vg)                                      # [n, Hkv, G*Lq, D]
-        y = y.view(g.rows, Hkv, G, g.q_len, D).permute(0, 3, 1, 2, 4).reshape(g.rows * g.q_len, H, D)
-        out.index_copy_(0, g.q_index, y)
+        n_q, n_k = g.rows * g.q_len, g.rows * g.k_len
+        qg = q[g.q_start:g.q_start + n_q] if g.q_start is not None else q.index_select(0, g.q_index)
+        qg = qg.view(g.rows, g.q_len, H, D).transpose(1, 2)                        # [n, H, Lq, D]
+        kvg = source[:, g.k_start:g.k_start + n_k] if g.k_start is not None else source.index_select(1, g.k_index)
+        kg, vg = (t.view(g.rows, g.k_len, Hkv, D).transpose(1, 2) for t in kvg)  # [n, Hkv, Lk, D]
+        y = F.scaled_dot_product_attention(qg, kg, vg, enable_gqa=H != Hkv)       # [n, H, Lq, D]
+        y = y.transpose(1, 2).reshape(n_q, H, D)  # a view where SDPA's output is token-major (the CPU's)
+        if whole:
+            return y
+        if g.q_start is not None:
+            out[g.q_start:g.q_start + n_q] = y
+        else:
+            out.index_copy_(0, g.q_index, y)
     return out
 
 

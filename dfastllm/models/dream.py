@@ -97,6 +97,8 @@ class DreamConfig:
 
 
 # Checkpoint tensor name -> this module's parameter name ({i} = layer index).
+# wq/wk/wv and w_gate/w_up name row ranges of the fused wqkv and w_gate_up
+# matrices (`DiffusionTransformer.checkpoint_parameters`).
 CHECKPOINT_NAMES = {
     "model.embed_tokens.weight": "embed.weight",
     "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",

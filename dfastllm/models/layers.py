@@ -8,6 +8,12 @@ which is the `attention` object's business: the engine's ragged batch over
 the paged KV cache (`attention.py`), or a dense [B, T] batch with a mask
 (`forward`, for training, tests and reference decoding).
 
+A layer is two GEMMs on fused weights (q|k|v, gate|up), two more (wo, down),
+the attention and three of our kernels (dfastllm.ops): the residual add with
+the norm after it, RoPE with the K/V write (inside the attention object) and
+SiLU x up. Training and autocast take the kernels' plain-torch references
+(`plain_torch`).
+
 What differs between families (RoPE precision, q/k/v biases, the logits
 shift, checkpoint names and config fields) is stated in their own files,
 `llada.py` and `dream.py`.
@@ -19,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfastllm import ops
+from dfastllm.models.attention import Heads, rope_write_kv
+from dfastllm.ops.reference import add_rms_norm_reference, silu_mul_reference
+
 
 def expand_checkpoint_names(table: dict[str, str], n_layers: int) -> dict[str, str]:
     """A `{checkpoint name: our name}` table with `{i}` patterns expanded per layer."""
@@ -29,65 +39,76 @@ def expand_checkpoint_names(table: dict[str, str], n_layers: int) -> dict[str, s
     return names
 
 
+def plain_torch(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this call takes the kernels' plain-torch references: training
+    (autograd through the weights) and autocast (mixed dtypes), as
+    tools/train_tiny.py runs the model. Inference takes the kernels."""
+    return (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(x.device.type)
+
+
 class RMSNorm(nn.Module):
     """Normalises in fp32 and multiplies by the weight after casting back, as
-    both reference implementations do."""
+    both reference implementations do; fused with the residual add before it."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(h), h) with h = x + residual (x without one)."""
+        norm = add_rms_norm_reference if plain_torch(x, self.weight) else ops.add_rms_norm
+        return norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, config, qkv_bias: bool):
+    def __init__(self, config, qkv_bias: bool, rope_in_fp32: bool):
         super().__init__()
         c = config
-        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.heads = Heads(c.n_heads, c.n_kv_heads, c.head_dim, rope_in_fp32)
+        q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        # q|k|v in one matrix: one GEMM reads the layer's input once.
+        self.wqkv = nn.Linear(c.d_model, q_rows + 2 * kv_rows, bias=qkv_bias)
+        self.wo = nn.Linear(q_rows, c.d_model, bias=False)
+        self.fused_parts = {"wqkv": (("wq", q_rows), ("wk", kv_rows), ("wv", kv_rows))}
 
     def forward(self, x, cos, sin, attention, layer: int):
-        """x [N, d_model] packed tokens; `attention(layer, q, k, v)` writes the
+        """x [N, d_model] packed tokens, cos/sin fp32 [N, D/2] their RoPE angles;
+        `attention(layer, qkv, cos, sin, heads)` rotates q and k, writes the
         cache if there is one and attends (`RaggedAttention` or `DenseAttention`)."""
-        N = x.shape[0]
-        q = self.wq(x).view(N, self.n_heads, self.head_dim)                         # [N, H, D]
-        k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)                      # [N, Hkv, D]
-        v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)                      # [N, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(layer, q, k, v)                                               # [N, H, D]
-        return self.wo(y.reshape(N, -1))
+        y = attention(layer, self.wqkv(x), cos, sin, self.heads,
+                      plain_torch=plain_torch(x, self.wqkv.weight))               # [N, H, D]
+        return self.wo(y.reshape(x.shape[0], -1))
 
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        # gate|up in one matrix: one GEMM reads the layer's input once.
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.fused_parts = {"w_gate_up": (("w_gate", hidden), ("w_up", hidden))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        silu_mul = silu_mul_reference if plain_torch(x, self.w_gate_up.weight) else ops.silu_mul
+        return self.w_down(silu_mul(self.w_gate_up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, config, qkv_bias: bool):
+    def __init__(self, config, qkv_bias: bool, rope_in_fp32: bool):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.attn = Attention(config, qkv_bias)
+        self.attn = Attention(config, qkv_bias, rope_in_fp32)
         self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
-    def forward(self, x, cos, sin, attention, layer: int):
-        h = x + self.attn(self.attn_norm(x), cos, sin, attention, layer)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x, residual, cos, sin, attention, layer: int):
+        """x: the block before's MLP output, not yet added to the residual
+        stream (block 0: the embedding, residual None); each add is fused
+        into the norm after it. -> (this block's MLP output, the stream)."""
+        h, residual = self.attn_norm(x, residual)
+        h, residual = self.mlp_norm(self.attn(h, cos, sin, attention, layer), residual)
+        return self.mlp(h), residual
 
 
 class DiffusionTransformer(nn.Module):
@@ -101,7 +122,7 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, self.qkv_bias) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, self.qkv_bias, self.rope_in_fp32) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
@@ -123,15 +144,15 @@ class DiffusionTransformer(nn.Module):
         `attention` says which tokens attend to which (a `RaggedAttention`
         over `AttentionMetadata`). Returns unshifted hidden states [N, D] before the norm."""
         x = self.embed(input_ids)                                                # [N, D]
-        rope_dtype = torch.float32 if self.rope_in_fp32 else x.dtype
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, rope_dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # [N, D/2] fp32
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attention, i)
-        return x
+            x, residual = layer(x, residual, cos, sin, attention, i)
+        return x + residual
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> logits [..., vocab_size] (final norm + output head)."""
-        return self.output(self.norm(hidden))
+        return self.output(self.norm(hidden)[0])
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of every position [B, T, V], shifted as the family's reference
@@ -142,58 +163,63 @@ class DiffusionTransformer(nn.Module):
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
 
+    def checkpoint_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter under the name a checkpoint's tensor maps to (the
+        families' name tables): the fused q|k|v and gate|up matrices appear as
+        their parts (`attn.wq.weight`, ..., `mlp.w_up.weight`), each a view of
+        its rows, so the loader fills them in place and an exporter reads them."""
+        views, fused_linears = {}, set()
+        for prefix, module in self.named_modules():
+            for fused, parts in getattr(module, "fused_parts", {}).items():
+                linear = getattr(module, fused)
+                fused_linears.add(linear)
+                for kind, tensor in linear.named_parameters():
+                    views |= zip((f"{prefix}.{part}.{kind}" for part, _ in parts),
+                                 tensor.split([rows for _, rows in parts]))
+        for prefix, module in self.named_modules():
+            if module not in fused_linears:
+                views |= {f"{prefix}.{n}".lstrip("."): p for n, p in module.named_parameters(recurse=False)}
+        return views
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin [..., 1, head_dim] for position_ids [...] (broadcast over the
-    heads of [..., H, head_dim]), computed in fp32 and returned in `dtype`
-    (the precision the rotation runs in)."""
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin fp32 [..., head_dim / 2] for position_ids [...]: the angle of the
+    pair (j, j + head_dim / 2). Each family's precision of the rotation itself
+    is the kernel's (`Heads.rope_in_fp32`)."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
     freqs = position_ids.float()[..., None] * inv_freq                          # [..., D/2]
-    angles = torch.cat([freqs, freqs], dim=-1)[..., None, :]                    # [..., 1, D]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates in cos/sin's dtype and casts back to x's."""
-    xr = x.to(cos.dtype)
-    return (xr * cos + rotate_half(xr) * sin).to(x.dtype)
+    return freqs.cos(), freqs.sin()
 
 
 class DenseAttention:
     """The dense batch's attention (`forward`): rows of T tokens, keys masked
     by attn_mask [B, 1, G*T, S] (from `grouped_mask`), optionally through a
-    dense `KVCache` written at cache_positions [B, T]."""
+    dense `KVCache` [B, Hkv, S, D] written at cache_positions [B, T]: to the
+    RoPE kernel, pages of S slots, one per row (without a cache, of T)."""
 
     def __init__(self, batch: int, length: int, attn_mask, kv_cache=None, cache_positions=None):
         self.batch, self.length = batch, length
         self.attn_mask, self.kv_cache, self.cache_positions = attn_mask, kv_cache, cache_positions
+        self._slots = None  # [B, T] each token's slot: row b's page b at its position
 
-    def __call__(self, layer: int, q, k, v):
+    def __call__(self, layer: int, qkv, cos, sin, heads: Heads, *, plain_torch: bool = False):
         B, T = self.batch, self.length
-        q = q.view(B, T, *q.shape[1:]).transpose(1, 2)                             # [B, H, T, D]
-        k = k.view(B, T, *k.shape[1:]).transpose(1, 2)                             # [B, Hkv, T, D]
-        v = v.view(B, T, *v.shape[1:]).transpose(1, 2)
-        if self.kv_cache is not None:
-            k, v = write_cache((self.kv_cache.k[layer], self.kv_cache.v[layer]), self.cache_positions, k, v)
+        if self.kv_cache is None:  # this step's K/V only: a cache of T positions per row
+            k = qkv.new_empty(B, heads.n_kv_heads, T, heads.head_dim)
+            v = qkv.new_empty(B, heads.n_kv_heads, T, heads.head_dim)
+        else:
+            k, v = self.kv_cache.k[layer], self.kv_cache.v[layer]                  # [B, Hkv, S, D]
+        if self._slots is None:
+            rows = k.shape[2] * torch.arange(B, device=qkv.device)[:, None]
+            positions = torch.arange(T, device=qkv.device) if self.cache_positions is None else self.cache_positions
+            self._slots = (rows + positions).contiguous()
+        # q heads-first, so grouped_sdpa folds the grouped heads without a copy.
+        q = qkv.new_empty(B, heads.n_heads, T, heads.head_dim)                    # [B, H, T, D]
+        rope_write_kv(qkv.view(B, T, -1), cos.view(B, T, -1), sin.view(B, T, -1), k.transpose(1, 2),
+                      v.transpose(1, 2), self._slots, heads, plain_torch=plain_torch, q_out=q.transpose(1, 2))
         y = grouped_sdpa(q, k, v, self.attn_mask)                                  # [B, H, T, D]
         return y.transpose(1, 2).reshape(B * T, y.shape[1], y.shape[-1])
-
-
-def write_cache(cache_kv, cache_positions, k, v):
-    """Scatter k, v [B, Hkv, T, D] into the cache [B, Hkv, S, D] at
-    cache_positions [B, T] (in place) and return the whole cache views."""
-    k_cache, v_cache = cache_kv
-    B, Hkv, T, D = k.shape
-    index = cache_positions[:, None, :, None].expand(B, Hkv, T, D)
-    k_cache.scatter_(2, index, k)
-    v_cache.scatter_(2, index, v)
-    return k_cache, v_cache
 
 
 def grouped_mask(attn_mask, group: int):

@@ -74,6 +74,8 @@ class LLaDAConfig:
 
 
 # Checkpoint tensor name -> this module's parameter name ({i} = layer index).
+# wq/wk/wv and w_gate/w_up name row ranges of the fused wqkv and w_gate_up
+# matrices (`DiffusionTransformer.checkpoint_parameters`).
 CHECKPOINT_NAMES = {
     "model.transformer.wte.weight": "embed.weight",
     "model.transformer.blocks.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",

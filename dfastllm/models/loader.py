@@ -1,8 +1,8 @@
 """Load a LLaDA or Dream checkpoint (local directory or hub id) into our
 native modules: config.json -> family, tokenizer, safetensors weights checked
-name by name and shape by shape, then `load_state_dict(assign=True)` into a
-model built on the meta device. One path for the 8B models and the tiny test
-checkpoints.
+name by name and shape by shape, then copied into a model built on the meta
+device and allocated on the target one (q|k|v and gate|up fused in place).
+One path for the 8B models and the tiny test checkpoints.
 
 Loading survives transient failures: a hub download (`dfastllm.checkpoints`)
 and reading the local files (an I/O error on a network filesystem) are
@@ -37,10 +37,12 @@ from dfastllm.checkpoints import (  # noqa: F401 (API)
     retry_with_backoff,
 )
 from dfastllm.models import dream, llada
+from dfastllm.models.fp8 import quantize_fp8
 from dfastllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+QUANTIZATIONS = (None, "fp8")
 READ_ATTEMPTS = 4  # tries at reading a local checkpoint while its I/O errors look transient
 
 # family (checkpoints.MODEL_FAMILIES) -> (config class, model class, name table).
@@ -64,21 +66,26 @@ class LoadedModel:
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
-               download=None, attempts: int = READ_ATTEMPTS, base_delay_s: float = 1.0, max_delay_s: float = 30.0,
-               sleep=time.sleep, progress_bar: bool = False) -> LoadedModel:
+               quantization: str | None = None, download=None, attempts: int = READ_ATTEMPTS,
+               base_delay_s: float = 1.0, max_delay_s: float = 30.0, sleep=time.sleep,
+               progress_bar: bool = False) -> LoadedModel:
     """dtype defaults to bf16 on CUDA (the checkpoints' native dtype) and fp32
     elsewhere (CPU bf16 matmuls are slow and lose precision for no gain).
     `download(repo_id) -> directory` replaces the hub client (tests). Reading
     the files gets up to `attempts` tries while its errors look transient
     (`is_transient`); the download retries on its own terms. `progress_bar`:
-    draw a bar on stderr while reading the weights (for a terminal)."""
+    draw a bar on stderr while reading the weights (for a terminal).
+    quantization: None, or "fp8" (e4m3 block weights, `dfastllm.models.fp8`)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     directory = resolve_checkpoint(path_or_hub_id, download=download, sleep=sleep)
-    return retry_with_backoff(lambda: _load_directory(directory, device, dtype, progress_bar),
+    return retry_with_backoff(lambda: _load_directory(directory, device, dtype, quantization, progress_bar),
                               what=f"reading the checkpoint {directory}", attempts=attempts,
                               base_delay_s=base_delay_s, max_delay_s=max_delay_s, sleep=sleep)
 
 
-def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_bar: bool) -> LoadedModel:
+def _load_directory(directory: str, device, dtype: torch.dtype | None, quantization: str | None,
+                    progress_bar: bool) -> LoadedModel:
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,35 +109,42 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_
 
     with torch.device("meta"):
         model = model_cls(config)
+    # Allocated (uninitialised) on the device, then filled tensor by tensor:
+    # the fused q|k|v and gate|up matrices take their checkpoint parts in
+    # place, with no second copy of a layer (so not load_state_dict).
+    model = model.to(dtype).to_empty(device=device)
+    targets = model.checkpoint_parameters()  # our name (parts of fused matrices too) -> tensor
     names = checkpoint_names(config)  # checkpoint name -> ours
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     files = _weight_files(directory)
-    _check_tensors(files, {ckpt: shapes[ours] for ckpt, ours in names.items()}, directory)
+    _check_tensors(files, {ckpt: tuple(targets[ours].shape) for ckpt, ours in names.items()}, directory)
 
-    state = _read_weights(files, names, device, dtype, directory, progress_bar)
-    model.load_state_dict(state, strict=True, assign=True)
+    _read_weights(files, names, targets, directory, progress_bar)
     model.eval().requires_grad_(False)
+    if quantization == "fp8":
+        quantize_fp8(model)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
                        path=directory, **ids)
 
 
-def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], device, dtype: torch.dtype,
-                  directory: str, progress_bar: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`, under our names, straight onto the device one
+def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], targets: dict[str, torch.Tensor],
+                  directory: str, progress_bar: bool) -> None:
+    """Every tensor of `files` copied into `targets` under our names (the
+    fused matrices' row views among them), straight onto the device one
     tensor at a time (no host copy of the model), its progress logged."""
+    device = next(iter(targets.values())).device
     sizes = {file: os.path.getsize(file) for file in files}
     total_gb = sum(sizes.values()) / 1e9
-    logger.info("loading %s: %d file(s), %d tensors, %.2f GB to %s", directory, len(files),
-                sum(len(t) for t in files.values()), total_gb, device,
-                extra={"files": len(files), "gigabytes": round(total_gb, 3)})
+    tensors = sum(len(t) for t in files.values())
+    logger.info("loading %s: %d file(s), %d tensors, %.2f GB to %s", directory, len(files), tensors, total_gb,
+                device, extra={"files": len(files), "gigabytes": round(total_gb, 3)})
     bar = _progress_bar(sum(sizes.values())) if progress_bar else None
     started = time.perf_counter()
-    state, read_gb = {}, 0.0
+    read_gb = 0.0
     for i, (file, tensor_shapes) in enumerate(files.items(), 1):
-        with _open_safetensors(file, device=str(device)) as f:
+        with _open_safetensors(file, device=str(device)) as f, torch.no_grad():
             for name in tensor_shapes:
                 tensor = f.get_tensor(name)
-                state[names[name]] = tensor.to(device=device, dtype=dtype)
+                targets[names[name]].copy_(tensor)  # casts to the model dtype
                 if bar is not None:
                     bar.update(tensor.numel() * tensor.element_size())
         read_gb += sizes[file] / 1e9
@@ -140,9 +154,8 @@ def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], dev
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
-    logger.info("loaded %d tensors, %.2f GB in %.1f s (%.2f GB/s)", len(state), total_gb, seconds,
-                total_gb / max(seconds, 1e-9), extra={"tensors": len(state), "seconds": round(seconds, 3)})
-    return state
+    logger.info("loaded %d tensors, %.2f GB in %.1f s (%.2f GB/s)", tensors, total_gb, seconds,
+                total_gb / max(seconds, 1e-9), extra={"tensors": tensors, "seconds": round(seconds, 3)})
 
 
 def _progress_bar(total_bytes: int):

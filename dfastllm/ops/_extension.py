@@ -67,3 +67,30 @@ def check_int64(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"{name} must be an int64 integer or tensor, got {value!r}")
     return value
+
+
+def check_tensor(name: str, value, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor argument with this shape, dtype and device whose last dim is
+    contiguous (any other strides), or ValueError naming it."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise ValueError(f"{name} must be a {dtype} tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} like the other tensors, got {value.device}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    if value.dim() and value.shape[-1] > 1 and value.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {value.stride()}")
+    return value
+
+
+def as_rows(value: torch.Tensor) -> torch.Tensor:
+    """[..., dim] as [rows, dim] of one row stride: a view when the leading
+    dims flatten to one stride (a contiguous tensor, a slice of rows), else a
+    contiguous copy (a slice of a slice), as `reshape` does."""
+    return value.reshape(-1, value.shape[-1])
+
+
+def row_stride(rows: torch.Tensor) -> int:
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]

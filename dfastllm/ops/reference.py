@@ -213,3 +213,52 @@ def commit_tokens_reference(
         canvas[b, pos[chosen]] = tokens[lo:hi][chosen].to(canvas.dtype)
         committed[b] = chosen.numel()
     return committed
+
+
+# ---- transformer-layer kernels: add_rms_norm, rope_write_kv, silu_mul --------
+# Written the way both families' reference code computes (sums and products
+# in the model's dtype; the norm, and LLaDA's RoPE, in fp32), so a kernel that
+# matches them keeps the forward's numerics where the checkpoints' own code has them.
+
+def add_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                           residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (weight * rms_norm(h), h), h = x + residual in x's dtype (x without
+    one); the norm in fp32, cast back to the dtype before the weight."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return weight * normed, h
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2F] -> silu(gate) * up [..., F], each op in the dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_write_kv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor, *, n_heads: int,
+                            rotate_in_fp32: bool) -> torch.Tensor:
+    """qkv [B, T, (H + 2 Hkv) * D]; cos/sin fp32 [B, T, D/2]; caches [P, S, Hkv, D]
+    written in place at slot_mapping [B, T] (page * S + offset; outside
+    [0, P * S) nothing is written). Half-split rotation x * cos + rotate_half(x) * sin
+    in fp32 (rotate_in_fp32, LLaDA) or in the dtype with cos/sin cast to it
+    (Qwen2/Dream), cast back. -> q [B, T, H, D]."""
+    B, T, _ = qkv.shape
+    P, S, n_kv_heads, head_dim = k_cache.shape
+    q, k, v = qkv.view(B, T, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=2)
+    dtype = torch.float32 if rotate_in_fp32 else qkv.dtype
+    c = torch.cat([cos, cos], dim=-1)[:, :, None].to(dtype)                    # [B, T, 1, D]
+    s = torch.cat([sin, sin], dim=-1)[:, :, None].to(dtype)
+
+    def rotate(x):
+        xr = x.to(dtype)
+        x1, x2 = xr.chunk(2, dim=-1)
+        return (xr * c + torch.cat([-x2, x1], dim=-1) * s).to(x.dtype)
+
+    slots = slot_mapping.reshape(-1)
+    keep = (slots >= 0) & (slots < P * S)
+    pages, offsets = slots[keep] // S, slots[keep] % S
+    k_cache[pages, offsets] = rotate(k).reshape(B * T, n_kv_heads, head_dim)[keep]
+    v_cache[pages, offsets] = v.reshape(B * T, n_kv_heads, head_dim)[keep]
+    return rotate(q)

@@ -143,7 +143,8 @@ def test_loading_a_sharded_checkpoint_logs_its_progress(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dfastllm.models.loader"):
         loaded = load_model(checkpoint)
     lines = [r.getMessage() for r in caplog.records if r.name == "dfastllm.models.loader"]
-    tensors = len(loaded.model.state_dict())
+    tensors = sum(len(load_file(shard)) for shard in shard_files(checkpoint))  # the checkpoint's, before fusion
+    assert len(loaded.model.checkpoint_parameters()) == tensors
     assert lines[0].startswith(f"loading {checkpoint}: 3 file(s), {tensors} tensors, ")
     for i, shard in enumerate(shard_files(checkpoint), 1):
         assert lines[i].startswith(f"read {os.path.basename(shard)} ({i} of 3): {len(load_file(shard))} tensors, ")

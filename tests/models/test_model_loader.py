@@ -178,3 +178,27 @@ def test_transient_classification_of_hub_errors():
     wrapped = LocalEntryNotFoundError("cannot find the requested files in the local cache")
     wrapped.__cause__ = httpx.ConnectError("connection refused")
     assert is_transient(wrapped)
+
+
+@pytest.mark.parametrize("fixture", ["llada_gqa_dir", "dream_dir"])
+def test_fused_projections_hold_the_checkpoint_parts(fixture, request):
+    """q|k|v (with Dream's biases) and gate|up are one matrix each, and every
+    checkpoint tensor reads back unchanged through its part's name."""
+    from dfastllm.models import dream, llada
+    directory = request.getfixturevalue(fixture)
+    loaded = load_model(directory)
+    table = {"llada": llada, "dream": dream}[loaded.family].checkpoint_names(loaded.config)
+    tensors = {}
+    for f in sorted(os.listdir(directory)):
+        if f.endswith(".safetensors"):
+            tensors |= load_file(os.path.join(directory, f))
+    parts = loaded.model.checkpoint_parameters()
+    assert sorted(table.values()) == sorted(parts)
+    for ckpt, ours in table.items():
+        torch.testing.assert_close(parts[ours], tensors[ckpt], atol=0, rtol=0)
+    attn, mlp = loaded.model.layers[0].attn, loaded.model.layers[0].mlp
+    c = loaded.config
+    assert attn.wqkv.weight.shape == ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.d_model)
+    assert (attn.wqkv.bias is not None) == (loaded.family == "dream")
+    assert mlp.w_gate_up.weight.shape == (2 * c.mlp_hidden, c.d_model)
+    assert not hasattr(attn, "wq") and not hasattr(mlp, "w_up")

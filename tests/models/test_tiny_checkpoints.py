@@ -28,7 +28,7 @@ def test_seed_decides_the_weights_and_config_uses_real_field_names(tmp_path):
     b = load_model(write_tiny_llada(tmp_path / "b", seed=5)).model.state_dict()
     c = load_model(write_tiny_llada(tmp_path / "c", seed=6)).model.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
-    assert not torch.equal(a["layers.0.attn.wq.weight"], c["layers.0.attn.wq.weight"])
+    assert not torch.equal(a["layers.0.attn.wqkv.weight"], c["layers.0.attn.wqkv.weight"])
     assert all(t.abs().sum() > 0 for t in a.values())
 
     with open(os.path.join(tmp_path / "a", "config.json")) as f:
