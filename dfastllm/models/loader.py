@@ -1,4 +1,4 @@
-"""Load a LLaDA or Dream checkpoint (local directory or hub id) into our
+"""Load a LLaDA, Dream or LLaDA2 checkpoint (local directory or hub id) into our
 native modules: config.json -> family, tokenizer, safetensors weights checked
 name by name and shape by shape, then `load_state_dict(assign=True)` into a
 model built on the meta device. One path for the 8B models and the tiny test
@@ -36,7 +36,7 @@ from dfastllm.checkpoints import (  # noqa: F401 (API)
     resolve_checkpoint,
     retry_with_backoff,
 )
-from dfastllm.models import dream, llada
+from dfastllm.models import dream, llada, llada2
 from dfastllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,23 @@ READ_ATTEMPTS = 4  # tries at reading a local checkpoint while its I/O errors lo
 FAMILIES = {
     "llada": (llada.LLaDAConfig, llada.LLaDAModel, llada.checkpoint_names),
     "dream": (dream.DreamConfig, dream.DreamModel, dream.checkpoint_names),
+    "llada2": (llada2.LLaDA2Config, llada2.LLaDA2Model, llada2.checkpoint_names),
+}
+
+# Mask and EOS ids of a family whose released config.json omits them and
+# whose published generate() hard-codes them: the last resort after
+# config.json and the tokenizer.
+FAMILY_DEFAULT_IDS = {
+    "llada2": {"mask_token_id": llada2.DEFAULT_MASK_TOKEN_ID, "eos_token_id": llada2.DEFAULT_EOS_TOKEN_ID},
 }
 
 
 @dataclasses.dataclass
 class LoadedModel:
     model: torch.nn.Module
-    config: llada.LLaDAConfig | dream.DreamConfig
+    config: llada.LLaDAConfig | dream.DreamConfig | llada2.LLaDA2Config
     tokenizer: Tokenizer
-    family: str  # "llada" | "dream"
+    family: str  # "llada" | "dream" | "llada2"
     mask_token_id: int
     eos_token_id: int
     eot_token_id: int | None
@@ -98,26 +106,27 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
     tokenizer = Tokenizer.from_pretrained(directory)
-    ids = _special_ids(hf_config, tokenizer, config_path, config.vocab_size)
+    ids = _special_ids(hf_config, tokenizer, config_path, config.vocab_size, FAMILY_DEFAULT_IDS.get(family, {}))
 
     with torch.device("meta"):
         model = model_cls(config)
     names = checkpoint_names(config)  # checkpoint name -> ours
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     files = _weight_files(directory)
-    _check_tensors(files, {ckpt: shapes[ours] for ckpt, ours in names.items()}, directory)
+    _check_tensors(files, {ckpt: _slice_shape(shapes, ours) for ckpt, ours in names.items()}, directory)
 
-    state = _read_weights(files, names, device, dtype, directory, progress_bar)
+    state = _read_weights(files, names, shapes, device, dtype, directory, progress_bar)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
                        path=directory, **ids)
 
 
-def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], device, dtype: torch.dtype,
-                  directory: str, progress_bar: bool) -> dict[str, torch.Tensor]:
+def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], shapes: dict[str, tuple], device,
+                  dtype: torch.dtype, directory: str, progress_bar: bool) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, under our names, straight onto the device one
-    tensor at a time (no host copy of the model), its progress logged."""
+    tensor at a time (no host copy of the model), its progress logged. A name
+    `ours[e]` is slice e of a stacked parameter of `shapes` (a routed expert)."""
     sizes = {file: os.path.getsize(file) for file in files}
     total_gb = sum(sizes.values()) / 1e9
     logger.info("loading %s: %d file(s), %d tensors, %.2f GB to %s", directory, len(files),
@@ -130,7 +139,13 @@ def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], dev
         with _open_safetensors(file, device=str(device)) as f:
             for name in tensor_shapes:
                 tensor = f.get_tensor(name)
-                state[names[name]] = tensor.to(device=device, dtype=dtype)
+                ours, index = _stacked_slice(names[name])
+                if index is None:
+                    state[ours] = tensor.to(device=device, dtype=dtype)
+                else:
+                    if ours not in state:
+                        state[ours] = torch.empty(shapes[ours], device=device, dtype=dtype or tensor.dtype)
+                    state[ours][index] = tensor
                 if bar is not None:
                     bar.update(tensor.numel() * tensor.element_size())
         read_gb += sizes[file] / 1e9
@@ -152,20 +167,48 @@ def _progress_bar(total_bytes: int):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def _special_ids(hf_config: dict, tokenizer: Tokenizer, config_path: str, vocab_size: int) -> dict:
+def _stacked_slice(ours: str) -> tuple[str, int | None]:
+    """`name[e]` (slice e of a stacked parameter, e.g. one routed expert) -> (name, e); else (name, None)."""
+    if not ours.endswith("]"):
+        return ours, None
+    name, index = ours[:-1].split("[")
+    return name, int(index)
+
+
+def _slice_shape(shapes: dict[str, tuple], ours: str) -> tuple:
+    name, index = _stacked_slice(ours)
+    return shapes[name] if index is None else shapes[name][1:]
+
+
+def _special_id(name: str, hf_config: dict, tokenizer_id: int | None, defaults: dict, config_path: str):
+    """-> (id, source) from config.json, else the tokenizer, else the family's default."""
+    value = hf_config.get(name)
+    if isinstance(value, list):  # some configs list several EOS ids; the first is the end of text
+        value = value[0]
+    if value is not None:
+        return value, "config.json"
+    if tokenizer_id is not None:
+        return tokenizer_id, "the tokenizer"
+    if name in defaults:
+        return defaults[name], "the family's default"
+    what = name.removesuffix("_token_id")
+    raise ValueError(f"{config_path}: no {name} and the tokenizer names no {what} token")
+
+
+def _special_ids(hf_config: dict, tokenizer: Tokenizer, config_path: str, vocab_size: int,
+                 defaults: dict | None = None) -> dict:
     """Mask and EOS from config.json (the model's own record), falling back to
-    the tokenizer; end-of-turn (<|eot_id|>, <|im_end|>) from the tokenizer."""
-    mask = hf_config.get("mask_token_id", tokenizer.mask_token_id)
-    if mask is None:
-        raise ValueError(f"{config_path}: no mask_token_id and the tokenizer names no mask token")
+    the tokenizer, then to the family's `defaults` (LLaDA2's released config
+    has neither); end-of-turn (<|eot_id|>, <|im_end|>, <|role_end|>) from the tokenizer."""
+    defaults = defaults or {}
+    mask, mask_source = _special_id("mask_token_id", hf_config, tokenizer.mask_token_id, defaults, config_path)
     if tokenizer.mask_token_id is not None and tokenizer.mask_token_id != mask:
         raise ValueError(f"{config_path}: mask_token_id {mask} but the tokenizer's mask token "
                          f"is id {tokenizer.mask_token_id}")
-    eos = hf_config.get("eos_token_id", tokenizer.eos_token_id)
-    if isinstance(eos, list):  # some configs list several; the first is the end of text
-        eos = eos[0]
-    if eos is None:
-        raise ValueError(f"{config_path}: no eos_token_id and the tokenizer names no eos token")
+    eos, eos_source = _special_id("eos_token_id", hf_config, tokenizer.eos_token_id, defaults, config_path)
+    if defaults:
+        logger.info("%s: mask token id %d from %s, EOS id %d from %s",
+                    config_path, mask, mask_source, eos, eos_source)
     pad = hf_config.get("pad_token_id")
     ids = dict(mask_token_id=mask, eos_token_id=eos, eot_token_id=tokenizer.eot_token_id,
                pad_token_id=eos if pad is None else pad)
