@@ -111,7 +111,7 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down) -> torch.Tensor:
     h = F.silu(_grouped_mm(rows, w_gate.transpose(1, 2), ends)) * _grouped_mm(rows, w_up.transpose(1, 2), ends)
     out_sorted = _grouped_mm(h, w_down.transpose(1, 2), ends)                    # [N*K, D]
     out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)         # back to (token, k) order
-    return (out.view(N, K, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+    return (out.view(N, K, x.shape[1]).float() * weights[..., None]).sum(1).to(x.dtype)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -132,4 +132,4 @@ def per_expert_reference(x, experts, weights, w_gate, w_up, w_down) -> torch.Ten
         pairs = (pair_expert == e).nonzero().squeeze(1)
         rows = x[pairs // K]
         out[pairs] = F.linear(F.silu(F.linear(rows, w_gate[e])) * F.linear(rows, w_up[e]), w_down[e])
-    return (out.view(N, K, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+    return (out.view(N, K, x.shape[1]).float() * weights[..., None]).sum(1).to(x.dtype)
