@@ -30,8 +30,10 @@ import logging
 import random
 import time
 
+import numpy as np
 import torch
 
+from dfastllm.engine import llada2_decoding
 from dfastllm.engine.batch import build_step, query_extent
 from dfastllm.engine.cuda_graphs import CachedStepGraphs, graphs_supported
 from dfastllm.engine.kv_cache import CanvasRows, PagePool, bytes_per_page, kv_pool_pages
@@ -103,8 +105,13 @@ class EngineCore:
         self.logits_shift = int(self.model.logits_shift)
         self.canvas = CanvasRows(rows=max_batch_size, columns=self.max_model_len, fill_id=loaded.pad_token_id,
                                  device=self.device)
+        # LLaDA2 decodes by its own rules (llada2_decoding.py), with defaults from
+        # the checkpoint's generation_config.json; its block-causal attention
+        # always runs over the page pool (kv_cache none: recomputed every step).
+        self.llada2_defaults = (llada2_decoding.LLaDA2Defaults.from_generation_config(loaded.generation_config)
+                                if loaded.family == "llada2" else None)
         self.pool = None
-        if kv_cache != "none":
+        if kv_cache != "none" or self.llada2_defaults is not None:
             flash = flash_usable(weight.dtype, self.device, config.head_dim, config.n_kv_heads != config.n_heads)
             page_size = page_size or (FLASH_PAGE_MULTIPLE if flash and flash_reads_pages(FLASH_PAGE_MULTIPLE)
                                       else DEFAULT_PAGE_SIZE)
@@ -118,7 +125,7 @@ class EngineCore:
                                    canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens)
         self.graphs = (CachedStepGraphs(self.model, self.pool.cache, max_pages=-(-self.max_model_len // self.pool.page_size),
                                         max_seqlen_k=self.max_model_len)
-                       if cuda_graphs and self.pool is not None and graphs_supported(weight.dtype, self.device,
+                       if cuda_graphs and kv_cache != "none" and graphs_supported(weight.dtype, self.device,
                                                                                       config, self.pool.page_size)
                        else None)
         self.stats = EngineStats()
@@ -175,9 +182,19 @@ class EngineCore:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos_ids)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        self.scheduler.add(Request(request_id, prompt_ids, params, seed=seed, mask_id=self.mask_id,
-                                   stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic(),
-                                   family=self.loaded.family))
+        common = dict(seed=seed, mask_id=self.mask_id, stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic(),
+                      family=self.loaded.family)
+        if self.llada2_defaults is None:
+            request = Request(request_id, prompt_ids, params, **common)
+        else:
+            request = llada2_decoding.LLaDA2Request(request_id, prompt_ids, params, defaults=self.llada2_defaults,
+                                                    **common)
+            limit = min(self.max_model_len, self.scheduler.max_num_batched_tokens, self.pool.capacity * self.pool.page_size)
+            if request.canvas_len > limit:
+                raise ValueError(f"prompt + max_tokens rounded up to whole blocks of {request.attention_block} is "
+                                 f"{request.canvas_len} tokens, over max_model_len {self.max_model_len}, "
+                                 f"max_num_batched_tokens or the KV pool")
+        self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request at once (its row is free for the
@@ -215,7 +232,13 @@ class EngineCore:
                     cache = self.pool.cache if self.pool is not None else None
                     hidden = self.model.forward_packed(batch.input_ids, batch.position_ids,
                                                        RaggedAttention(batch.attn, cache))
-                cells = sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas, self.mask_id)
+                if self.llada2_defaults is None:
+                    cells = sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas, self.mask_id)
+                else:
+                    extra = llada2_decoding.step_inputs(running, np.diff(batch.host_offsets), self.canvas.canvas.shape[0],
+                                                        self.device)
+                    cells = llada2_decoding.sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas,
+                                                              self.mask_id, extra)
                 cells = cells.cpu().numpy()  # the step's one synchronisation
         except Exception as e:  # noqa: BLE001 - any failure here is the step's, not the engine's
             return outputs + self._fail(running, e)
@@ -290,7 +313,7 @@ class EngineCore:
         """Admit waiting requests into free canvas rows (and pages);
         -> an error output for a request whose canvas could not be written."""
         try:
-            self.scheduler.admit(lambda r: torch.tensor(r.prompt_ids + [self.mask_id] * r.gen_len,
+            self.scheduler.admit(lambda r: torch.tensor(r.prompt_ids + [self.mask_id] * (r.canvas_len - r.prompt_len),
                                                         dtype=torch.long).to(self.device))
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory
             return self._fail([self.scheduler.waiting[0]], e)

@@ -42,7 +42,11 @@ class Request:
     index g is canvas position P + g. Blocks cover the generation in order;
     under Dream's own decoding (`whole_canvas`) one block covers all of it.
     `family` is the model's ("llada", "dream"): with the params it decides
-    the algorithm (sampler.py)."""
+    the algorithm (sampler.py). LLaDA2's rules are a subclass
+    (llada2_decoding.py)."""
+
+    # Attention is bidirectional (0) or block-causal in blocks of this length (LLaDA2).
+    attention_block = 0
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, seed: int,
                  mask_id: int, stop_ids: frozenset[int], deadline: float | None, arrival: float,

@@ -69,6 +69,8 @@ class LoadedModel:
     eot_token_id: int | None
     pad_token_id: int
     path: str  # the local checkpoint directory
+    # generation_config.json when the checkpoint has one (decoding defaults, e.g. LLaDA2.1's).
+    generation_config: dict = dataclasses.field(default_factory=dict)
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
@@ -118,8 +120,10 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, progress_
     state = _read_weights(files, names, shapes, device, dtype, directory, progress_bar)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
+    generation_path = os.path.join(directory, "generation_config.json")
+    generation_config = _read_json(generation_path) if os.path.isfile(generation_path) else {}
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
-                       path=directory, **ids)
+                       path=directory, generation_config=generation_config, **ids)
 
 
 def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], shapes: dict[str, tuple], device,

@@ -9,6 +9,12 @@ loops over blocks and steps), so it is slow and only for tiny checkpoints.
 Where the published code depends on the installed transformers (how a 4-D
 attention mask is turned into a bias), this reference uses the intended
 block-causal mask: 0 where a query may attend, -inf elsewhere.
+
+One rule is added to the published generate, as the engine has it: the mask
+token is never proposed (the argmax skips it; its probability still counts
+in the confidence). A trained model gives it ~0 probability, so this is the
+published behaviour on real checkpoints; on random tiny ones the published
+code can "commit" a mask, which leaves the cell masked.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class ReferenceLLaDA2:
         with open(os.path.join(directory, "config.json")) as f:
             self.c = json.load(f)
         self.w = read_checkpoint(directory)  # float64
+        self.edits = 0  # cells rewritten by token editing (generate_editing), so tests can see it ran
+        self.forwards = 0
 
     # ---- forward --------------------------------------------------------
     def logits(self, ids: list[int], allowed: torch.Tensor) -> torch.Tensor:
@@ -97,6 +105,7 @@ class ReferenceLLaDA2:
     # ---- generation ----------------------------------------------------
     def _window_logits(self, x: list[int], window_end: int, block_length: int) -> torch.Tensor:
         blocks = torch.arange(window_end) // block_length
+        self.forwards += 1
         return self.logits(x[:window_end], blocks[None, :] <= blocks[:, None])
 
     def generate(self, prompt: list[int], *, gen_length: int, block_length: int, steps: int,
@@ -114,7 +123,7 @@ class ReferenceLLaDA2:
                 active = torch.tensor([t == mask_id for t in x[lo:hi]])
                 if not active.any():
                     break
-                x0, x0_p = _greedy(self._window_logits(x, hi, block_length)[lo:hi])
+                x0, x0_p = _greedy(self._window_logits(x, hi, block_length)[lo:hi], mask_id)
                 confidence = torch.where(active, x0_p, float("-inf"))
                 high = confidence > threshold
                 k = int(schedule[step])
@@ -151,7 +160,7 @@ class ReferenceLLaDA2:
                     post_steps += 1
                 if post_steps > max_post_steps:
                     break
-                x0, x0_p = _greedy(self._window_logits(x, hi, block_length)[lo:hi])
+                x0, x0_p = _greedy(self._window_logits(x, hi, block_length)[lo:hi], mask_id)
                 mask_transfer = torch.zeros(block_length, dtype=torch.bool)
                 if active.any():
                     confidence = torch.where(active, x0_p, float("-inf"))
@@ -163,6 +172,7 @@ class ReferenceLLaDA2:
                 editable = ~active & ~in_prompt
                 editing = torch.where(editable, x0_p, float("-inf"))
                 edit_transfer = (editing > editing_threshold) & editable & (x0 != old)
+                self.edits += int(edit_transfer.sum())
                 for j in (mask_transfer | edit_transfer).nonzero().squeeze(1).tolist():
                     x[lo + j] = int(x0[j])
                 if not active.any() and not edit_transfer.any():
@@ -190,10 +200,11 @@ def _num_transfer_tokens(block_length, steps):
     return [base + (i < remainder) for i in range(steps)]
 
 
-def _greedy(logits):
-    """_sample_with_temperature_topk_topp at temperature 0: argmax and its softmax probability."""
+def _greedy(logits, mask_id):
+    """_sample_with_temperature_topk_topp at temperature 0: argmax (never the
+    mask token, see above) and its softmax probability."""
     probs = logits.softmax(-1)
-    token = logits.argmax(-1)
+    token = logits.index_fill(-1, torch.tensor([mask_id]), float("-inf")).argmax(-1)
     return token, probs.gather(-1, token[:, None]).squeeze(1)
 
 
