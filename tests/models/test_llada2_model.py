@@ -151,3 +151,17 @@ def test_missing_expert_tensor_is_named(llada2_dir, tmp_path):
     with pytest.raises(ValueError, match="missing tensor model.layers.2.mlp.experts.5.up_proj.weight"):
         load_model(d)
     assert os.path.exists(d / "config.json")
+
+
+def test_bf16_checkpoint_runs_the_same_model(llada2_dir):
+    """bf16 weights (the released dtype): the router still computes in fp32, the
+    grouped GEMMs run in bf16, and the logits stay near the fp32 ones."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 320, (1, 12), generator=gen)
+    positions, mask = torch.arange(12)[None], block_causal_mask(12, 4)[None, None]
+    fp32 = load_model(llada2_dir).model
+    bf16 = load_model(llada2_dir, dtype=torch.bfloat16).model
+    assert bf16.layers[1].mlp.w_gate.dtype == bf16.layers[1].mlp.router.expert_bias.dtype == torch.bfloat16
+    logits = bf16.full_logits(bf16(ids, positions, mask))
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), fp32.full_logits(fp32(ids, positions, mask)), atol=0.2, rtol=0.05)
