@@ -38,8 +38,9 @@ class ServerConfig:
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = _field("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32",
                         choices=("auto", "bfloat16", "float16", "float32"))
-    kv_cache: str = _field("none", "KV cache mode: none (exact reference), prefix or dual",
-                           choices=("none", "prefix", "dual"))
+    kv_cache: str = _field("auto", "KV cache mode: none (exact reference), prefix or dual; auto: the family's "
+                           "default (dual for LLaDA2, where it is exact; none for LLaDA and Dream)",
+                           choices=("auto", "none", "prefix", "dual"))
     max_model_len: int | None = _field(None, "prompt + max_tokens limit; default: the model's max_sequence_length")
     max_batch_size: int = _field(32, "most requests decoded together in one denoising step")
     max_num_batched_tokens: int = _field(16384, "most query tokens one denoising step computes (a row at a block's "

@@ -36,7 +36,7 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel | None = None, *, device: str = "auto",
-                 dtype: str | torch.dtype | None = None, kv_cache: str = "none", max_batch_size: int = 32,
+                 dtype: str | torch.dtype | None = None, kv_cache: str = "auto", max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9,
                  max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = True):
         """model: checkpoint directory or hub id (None: the embedded tiny model),

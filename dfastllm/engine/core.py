@@ -45,7 +45,7 @@ from dfastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-KV_CACHE_MODES = ("none", "prefix", "dual")
+KV_CACHE_MODES = ("auto", "none", "prefix", "dual")
 # Tokens per KV page: small pages waste little of a request's last page;
 # torch's flash kernel reads pages in place only at multiples of 256.
 DEFAULT_PAGE_SIZE = 16
@@ -72,11 +72,12 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, loaded, *, kv_cache: str = "none", max_batch_size: int = 32,
+    def __init__(self, loaded, *, kv_cache: str = "auto", max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9, page_size: int | None = None,
                  max_model_len: int | None = None, device: str | torch.device | None = None,
                  seed: int | None = None, cuda_graphs: bool = True):
         """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
+        kv_cache: "auto" is the family's default (dual for LLaDA2, none otherwise);
         max_num_batched_tokens: most query tokens one step computes;
         kv_cache_memory: the KV page pool (cached modes), in bytes (> 1) or as
         a fraction (<= 1) of the device memory free now (capped at what
@@ -86,6 +87,8 @@ class EngineCore:
         `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix)."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+        if kv_cache == "auto":  # the family's default: only LLaDA2's block cache is exact
+            kv_cache = "dual" if loaded.family == "llada2" else "none"
         if max_batch_size < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_batch_size and max_num_batched_tokens must be >= 1")
         self.loaded = loaded

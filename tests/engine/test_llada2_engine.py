@@ -1,9 +1,10 @@
 """LLaDA2 through EngineCore: at temperature 0 the engine reproduces the
 published generate (tests/models/llada2_reference.py) token for token, with
 the LLaDA2.0 threshold rule and LLaDA2.1's token editing, for prompts that do
-and do not end on a block boundary; batched equals alone; the dual cache
-(exact for block-causal attention) equals no cache; an editing request's
-text comes out only at block ends."""
+and do not end on a block boundary, with the exact block cache on (the
+family's default); batched equals alone; the cache equals recomputing every
+block at every step (kv_cache none) and computes each finished block once;
+an editing request's text comes out only at block ends."""
 
 import os
 import sys
@@ -43,7 +44,7 @@ def reference(checkpoint):
     return ReferenceLLaDA2(checkpoint)
 
 
-def run(loaded, requests: dict, kv_cache="none", max_batch_size=8):
+def run(loaded, requests: dict, kv_cache="auto", max_batch_size=8):
     """{id: (prompt, params)} all added at once -> {id: (tokens, finish_reason, outputs)}."""
     core = EngineCore(loaded, kv_cache=kv_cache, max_batch_size=max_batch_size)
     for rid, (ids, params) in requests.items():
@@ -124,12 +125,46 @@ def test_batched_equals_alone(loaded):
         assert together[rid][:2] == alone[:2], rid
 
 
-def test_dual_cache_is_exact_for_block_causal_attention(loaded):
-    """The cache of finished blocks (here the dense `dual` cache of the current
-    engine: each block's first step recomputes the window, the others query
-    only the block) gives exactly the uncached tokens."""
-    assert {k: v[:2] for k, v in run(loaded, MIXED, kv_cache="dual").items()} == \
-        {k: v[:2] for k, v in run(loaded, MIXED).items()}
+def test_block_cache_is_exact(loaded):
+    """The exact block cache (auto: dual for this family) gives exactly the
+    tokens of recomputing blocks 0..current at every step (kv_cache none,
+    the published generate's compute), batched and alone."""
+    cached = {k: v[:2] for k, v in run(loaded, MIXED).items()}
+    assert cached == {k: v[:2] for k, v in run(loaded, MIXED, kv_cache="none").items()}
+    assert cached == {k: v[:2] for k, v in run(loaded, MIXED, kv_cache="prefix").items()}
+
+
+@pytest.mark.parametrize("n_prompt", [5, 8])
+def test_each_step_computes_only_the_current_block(loaded, n_prompt):
+    """Query tokens per step: the first step computes the prompt's blocks with
+    the first answer block; later steps only the current block, except a
+    block's first step, which also computes the block that just ended, once
+    (its last commit came after its last forward). kv_cache none recomputes
+    blocks 0..current at every step."""
+    # The answer ends on a block end, so every block runs all its steps.
+    params = SamplingParams(max_tokens=16 - n_prompt, block_length=BLOCK, steps=BLOCK, threshold=1.0,
+                            ignore_eos=True)
+    for kv_cache in ("dual", "none"):
+        core = EngineCore(loaded, kv_cache=kv_cache)
+        core.add_request("a", prompt(n_prompt), params)
+        request = core.scheduler.live["a"]
+        seen = []  # (block, step in block, query tokens)
+        while core.has_unfinished():
+            block, block_step = request.block, request.block_step
+            core.step()
+            seen.append((block, block_step, core.stats.last_step_query_tokens))
+        first_block = n_prompt // BLOCK
+        answer_cells = [min(BLOCK, (b + 1) * BLOCK - n_prompt) for b in range(first_block, request.canvas_len // BLOCK)]
+        assert [b for b, _, _ in seen] == [first_block + i for i, n in enumerate(answer_cells)
+                                           for _ in range(n)]  # threshold 1.0: one cell per step
+        for block, block_step, tokens in seen:
+            block_end = (block + 1) * BLOCK
+            if kv_cache == "none":
+                assert tokens == block_end
+            elif block == first_block and block_step == 0:
+                assert tokens == block_end  # the prompt's blocks and the first answer block
+            else:
+                assert tokens == (2 * BLOCK if block_step == 0 else BLOCK)
 
 
 def test_generation_config_gives_the_defaults(tmp_path, reference, loaded):
