@@ -64,6 +64,9 @@ class EngineStats:
     last_step_query_tokens: int = 0  # tokens the step's forward computed (its rows' queries)
     last_step_tokens_committed: int = 0
     last_step_seconds: float = 0.0
+    # Prefix caching (LLaDA2): prompt tokens looked up in the cache, and found (whole pages).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @property
     def tokens_per_step(self) -> float:
@@ -75,7 +78,7 @@ class EngineCore:
     def __init__(self, loaded, *, kv_cache: str = "auto", max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9, page_size: int | None = None,
                  max_model_len: int | None = None, device: str | torch.device | None = None,
-                 seed: int | None = None, cuda_graphs: bool = True):
+                 seed: int | None = None, cuda_graphs: bool = True, prefix_caching: bool = True):
         """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
         kv_cache: "auto" is the family's default (dual for LLaDA2, none otherwise);
         max_num_batched_tokens: most query tokens one step computes;
@@ -84,7 +87,9 @@ class EngineCore:
         max_batch_size canvases of max_model_len could use); page_size: tokens
         per page (default 256 where the flash kernel reads pages, else 16);
         `seed` makes the seeds drawn for requests without one reproducible;
-        `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix)."""
+        `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix);
+        `prefix_caching`: requests share the cached pages of a common prompt
+        prefix (LLaDA2 with its block cache, whose K/V is exact; kv_cache.py)."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
         if kv_cache == "auto":  # the family's default: only LLaDA2's block cache is exact
@@ -124,8 +129,10 @@ class EngineCore:
             num_pages = kv_pool_pages(kv_cache_memory, bytes_per_page(**shape, page_size=page_size), self.device,
                                       most_pages)
             self.pool = PagePool(**shape, device=self.device, page_size=page_size, num_pages=num_pages)
+        self.prefix_caching = prefix_caching and self.llada2_defaults is not None and kv_cache != "none"
         self.scheduler = Scheduler(max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
-                                   canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens)
+                                   canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens,
+                                   prefix_caching=self.prefix_caching)
         self.graphs = (CachedStepGraphs(self.model, self.pool.cache, max_pages=-(-self.max_model_len // self.pool.page_size),
                                         max_seqlen_k=self.max_model_len)
                        if cuda_graphs and kv_cache != "none" and graphs_supported(weight.dtype, self.device,
@@ -252,6 +259,9 @@ class EngineCore:
             lo, hi = offsets[i], offsets[i + 1]
             new_tokens, committed = r.apply_step(batch.host_positions[lo:hi], cells[lo:hi])
             committed_total += committed
+            if self.prefix_caching:
+                for page, key in r.final_pages(self.pool.page_size):
+                    self.pool.register(page, key)
             if r.finish_reason is not None:
                 self.scheduler.remove(r)
                 self.stats.requests_finished += 1
@@ -266,6 +276,9 @@ class EngineCore:
         s.last_step_query_tokens = batch.query_tokens
         s.last_step_tokens_committed = committed_total
         s.last_step_seconds = time.perf_counter() - started
+        if self.prefix_caching:
+            s.prefix_cache_queries = self.pool.prefix_queries * self.pool.page_size
+            s.prefix_cache_hits = self.pool.prefix_hits * self.pool.page_size
         return outputs
 
     def drain_queue_times(self) -> list[float]:
@@ -298,6 +311,8 @@ class EngineCore:
                         self.abort(f"__warmup-{n}-{i}")
                     raise RuntimeError(f"warm-up failed: {failed.error}")
         self.stats = stats
+        if self.pool is not None:  # nor are its prefix cache lookups
+            self.pool.prefix_queries = self.pool.prefix_hits = 0
         self._queue_times.clear()
 
     # ---- internals ----------------------------------------------------------

@@ -49,6 +49,7 @@ threshold mode keeps "at least one", not "at least the step's share").
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import torch
@@ -100,6 +101,12 @@ class LLaDA2Request(Request):
         self.post_steps = 0
         # Canvas positions [0, cached_until) have final K/V in the pages (exact cache).
         self.cached_until = 0
+        # Prefix caching: the chain of page keys computed so far, and how many
+        # of the request's pages are registered in the pool (or came from it).
+        self._page_keys: list[bytes] = []
+        self._key_state = hashlib.sha256(f"llada2 block {B}".encode())
+        self._keyed_until = 0  # canvas positions the chain has hashed
+        self.pages_registered = 0
 
     @property
     def editing(self) -> bool:
@@ -116,6 +123,42 @@ class LLaDA2Request(Request):
     def query_extent(self, cache_mode: str) -> tuple[int, int]:
         """The canvas positions [start, end) the next step queries."""
         return (self.cached_until if cache_mode in KV_CACHED_MODES else 0), self.block_end
+
+    # ---- prefix caching (kv_cache.py) ---------------------------------------
+    # Page j's K/V depends on the tokens up to the end of the block holding
+    # its last position (block-causal attention), and on the block length:
+    # its key hashes exactly those, chained page after page.
+    def _keys_until(self, page_size: int, limit: int) -> list[bytes]:
+        """Keys of the pages whose K/V depends only on canvas positions [0, limit)."""
+        B = self.attention_block
+        tokens = None
+        while True:
+            j = len(self._page_keys)
+            depends_until = -(-(j + 1) * page_size // B) * B
+            if depends_until > limit:
+                return self._page_keys
+            if tokens is None:
+                tokens = np.concatenate([np.asarray(self.prompt_ids, dtype=np.int64), self.generated])
+            self._key_state.update(tokens[self._keyed_until:depends_until].tobytes())
+            self._keyed_until = depends_until
+            self._page_keys.append(self._key_state.copy().digest())
+
+    def prompt_page_keys(self, page_size: int) -> list[bytes]:
+        """Keys of the pages within the prompt's whole blocks."""
+        B = self.attention_block
+        return self._keys_until(page_size, self.prompt_len // B * B)
+
+    def reuse_prefix(self, pages: int, page_size: int) -> None:
+        self.cached_until = pages * page_size
+        self.pages_registered = pages
+
+    def final_pages(self, page_size: int) -> list[tuple[int, bytes]]:
+        """(page, key) of the pages whose K/V became final since the last call
+        (kv_cache prefix/dual: positions before cached_until are final)."""
+        keys = self._keys_until(page_size, self.cached_until)
+        new = [(self.pages[j], keys[j]) for j in range(self.pages_registered, len(keys))]
+        self.pages_registered = len(keys)
+        return new
 
     def _block_cells(self) -> np.ndarray:
         """The mirror of the current block's non-prompt cells."""

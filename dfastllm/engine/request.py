@@ -141,6 +141,16 @@ class Request:
                 return
             self.block_step += 1
 
+    # ---- prefix caching: only block-causal attention (LLaDA2) has K/V that
+    # the tokens before it alone decide, so only its requests share pages ----
+    def prompt_page_keys(self, page_size: int) -> list[bytes]:
+        """Keys of the pages of the prompt whose K/V another request may have cached."""
+        return []
+
+    def reuse_prefix(self, pages: int, page_size: int) -> None:
+        """Its first `pages` pages came from the prefix cache, K/V included."""
+        assert pages == 0, "a bidirectional request shares no pages"
+
     # ---- after a step ------------------------------------------------------
     def apply_step(self, positions: np.ndarray, values: np.ndarray) -> tuple[list[int], int]:
         """Record the canvas values read back at this step's candidate positions;

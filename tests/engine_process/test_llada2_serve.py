@@ -1,7 +1,8 @@
 """`dfastllm serve --model DIR` on a tiny LLaDA2 checkpoint (LLaDA2.1-style:
 its generation_config.json turns token editing on): warm-up, the chat
 template, the LLaDA2 request fields over HTTP and the IPC codec, and the
-same answer as the offline `LLM(DIR)`, streamed or not."""
+same answer as the offline `LLM(DIR)`, streamed or not; the repeated
+prompt's blocks come from the prefix cache, counted on /metrics."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from dfastllm import SamplingParams
 from dfastllm.llm import LLM
 from dfastllm.testing import write_tiny_llada2
-from serve_process import serving
+from serve_process import parse_metrics, serving
 
 
 @pytest.mark.timeout(200)
@@ -36,3 +37,7 @@ def test_serve_llada2_matches_the_offline_api(tmp_path):
         text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]
                        if json.loads(e)["choices"])
         assert text == offline.text
+        # The second request's prompt blocks came from the first's pages (the prefix cache).
+        exported = parse_metrics(httpx.get(serve.base_url + "/metrics").text)
+        assert exported["dfastllm:prefix_cache_hits_total"] > 0
+        assert exported["dfastllm:prefix_cache_queries_total"] >= exported["dfastllm:prefix_cache_hits_total"]
