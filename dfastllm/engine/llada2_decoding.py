@@ -139,7 +139,8 @@ class LLaDA2Request(Request):
                 return self._page_keys
             if tokens is None:
                 tokens = np.concatenate([np.asarray(self.prompt_ids, dtype=np.int64), self.generated])
-            self._key_state.update(tokens[self._keyed_until:depends_until].tobytes())
+            # The page index too: pages of one block depend on the same tokens.
+            self._key_state.update(j.to_bytes(8, "little") + tokens[self._keyed_until:depends_until].tobytes())
             self._keyed_until = depends_until
             self._page_keys.append(self._key_state.copy().digest())
 

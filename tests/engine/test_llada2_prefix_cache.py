@@ -25,8 +25,8 @@ def loaded(tmp_path_factory):
     return load_model(write_tiny_llada2(tmp_path_factory.mktemp("llada2_prefix"), seed=5, head_scale=12.0))
 
 
-def engine(loaded, **kwargs):
-    return EngineCore(loaded, page_size=BLOCK, **kwargs)
+def engine(loaded, page_size=BLOCK, **kwargs):
+    return EngineCore(loaded, page_size=page_size, **kwargs)
 
 
 def generate(core, rid, ids, params):
@@ -42,12 +42,13 @@ def generate(core, rid, ids, params):
     return tokens, first_step
 
 
-def test_second_chat_turn_computes_only_its_new_blocks(loaded):
+@pytest.mark.parametrize("page_size", [BLOCK, 2, 8])  # pages as blocks, several per block, blocks per page
+def test_second_chat_turn_computes_only_its_new_blocks(loaded, page_size):
     params = SamplingParams(max_tokens=8, block_length=BLOCK, threshold=0.5, ignore_eos=True)
     turn1 = prompt(8)
     outputs = {}
     for prefix_caching in (True, False):
-        core = engine(loaded, prefix_caching=prefix_caching)
+        core = engine(loaded, page_size, prefix_caching=prefix_caching)
         answer1, first1 = generate(core, "turn1", turn1, params)
         assert first1 == 12  # the prompt's two blocks and the first answer block
         turn2 = turn1 + answer1 + prompt(5, start=70)  # 21 tokens: blocks 0..4 whole, then one token
@@ -57,9 +58,12 @@ def test_second_chat_turn_computes_only_its_new_blocks(loaded):
             # Turn 1's blocks 0..2 were final (computed from their final tokens); its
             # last block never was (the request ended at its last commit), so turn 2
             # computes that block, its own prompt block and its first answer block.
-            assert first2 == 24 - 12
-            assert core.stats.prefix_cache_hits == 3 * BLOCK
-            assert core.stats.prefix_cache_queries == 2 * BLOCK + 5 * BLOCK  # turn 1's whole blocks, turn 2's
+            # (Pages of 8 hold two blocks: the second page's K/V depends on turn 1's last block.)
+            cached = 12 if page_size <= BLOCK else 8
+            assert first2 == 24 - cached
+            assert core.stats.prefix_cache_hits == cached
+            # Looked up: the pages within turn 1's two prompt blocks, then turn 2's five.
+            assert core.stats.prefix_cache_queries == 8 + 20 - (4 if page_size == 8 else 0)
         else:
             assert first2 == 24
             assert core.stats.prefix_cache_queries == 0
