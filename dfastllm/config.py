@@ -49,6 +49,8 @@ class ServerConfig:
                                     "the device memory free after loading the model")
     engine_threads: int | None = _field(None, "torch CPU threads of the engine process; default: the cores "
                                         "left after the HTTP workers (at least 1)")
+    prefix_caching: bool = _field(True, "LLaDA2 with its block cache: requests that share a block-aligned prompt "
+                                  "prefix share its KV pages (hits on /metrics)")
     cuda_graphs: bool = _field(True, "on CUDA with kv_cache dual or prefix, replay the cached steps' forward "
                                "as CUDA graphs")
     warmup: bool = _field(True, "run a short generation of the common shapes before reporting ready")
