@@ -27,7 +27,7 @@ import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from dfastllm.sampling_params import alg_conflict
+from dfastllm.sampling_params import MAX_POST_STEPS, alg_conflict
 from server.errors import ApiError, InvalidRequest, NotFound, clip
 
 MAX_N = 8
@@ -199,6 +199,12 @@ class _Generation(_Strict):
         None, description="Dream: > 0 draws the cells from softmax(confidence / alg_temp) instead of the top ones")
     eps: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None, description="Dream: the schedule's last timestep, linspace(1, eps, steps + 1); default 0.001")
+    # LLaDA2.1's token editing (LLaDA2 models only; default: the checkpoint's generation_config.json).
+    editing_threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = Field(
+        None, description="LLaDA2: rewrite a committed cell of the current block whose new sample differs with "
+                          "confidence above this (LLaDA2.1 editing)")
+    max_post_steps: Annotated[int, Field(ge=0, le=MAX_POST_STEPS), INTEGRAL] | None = Field(
+        None, description="LLaDA2.1 editing: most steps a block runs after it has no mask left")
     # vLLM extension: generate exactly max_tokens (benchmarks).
     ignore_eos: bool | None = False
 
