@@ -191,7 +191,7 @@ class _Generation(_Strict):
     threshold: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     # vLLM's top_k (-1 or 0: all tokens), and Dream's diffusion_generate()
     # arguments, for a Dream model with block_length omitted.
-    top_k: Annotated[int, Field(ge=-1, description="keep the k most likely tokens; -1 or 0: all")] | None = None
+    top_k: Annotated[int, Field(ge=-1, description="keep the k most likely tokens; -1 or 0: all"), INTEGRAL] | None = None
     alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
         None, description="Dream's own decoding (a Dream model, block_length omitted): which confidence picks the "
                           "cells to commit; default entropy, maskgit_plus with threshold")
