@@ -23,7 +23,7 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "as
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.jinja")
 CONFIG_FILES = ("*.json", "*.jinja")
 # config.json `model_type` -> the family we implement it as.
-MODEL_FAMILIES = {"llada": "llada", "Dream": "dream"}
+MODEL_FAMILIES = {"llada": "llada", "Dream": "dream", "llada2_moe": "llada2"}
 
 
 def is_local_path(path: str) -> bool:

@@ -39,10 +39,11 @@ class ServerConfig:
     dtype: str = _field("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32",
                         choices=("auto", "bfloat16", "float16", "float32"))
     quantization: str = _field("none", "weights of the transformer blocks' projections: none (in dtype) or fp8 "
-                               "(e4m3, a scale per output channel, torch._scaled_mm; refused where it cannot run)",
+                               "(e4m3, a scale per output channel, torch._scaled_mm; LLaDA and Dream; refused where it cannot run)",
                                choices=("none", "fp8"))
-    kv_cache: str = _field("none", "KV cache mode: none (exact reference), prefix or dual",
-                           choices=("none", "prefix", "dual"))
+    kv_cache: str = _field("auto", "KV cache mode: none (exact reference), prefix or dual; auto: the family's "
+                           "default (dual for LLaDA2, where it is exact; none for LLaDA and Dream)",
+                           choices=("auto", "none", "prefix", "dual"))
     max_model_len: int | None = _field(None, "prompt + max_tokens limit; default: the model's max_sequence_length")
     max_batch_size: int = _field(32, "most requests decoded together in one denoising step")
     max_num_batched_tokens: int = _field(16384, "most query tokens one denoising step computes (a row at a block's "
@@ -51,6 +52,8 @@ class ServerConfig:
                                     "the device memory free after loading the model")
     engine_threads: int | None = _field(None, "torch CPU threads of the engine process; default: the cores "
                                         "left after the HTTP workers (at least 1)")
+    prefix_caching: bool = _field(True, "LLaDA2 with its block cache: requests that share a block-aligned prompt "
+                                  "prefix share its KV pages (hits on /metrics)")
     cuda_graphs: bool = _field(True, "on CUDA with kv_cache dual or prefix, replay the cached steps' forward "
                                "as CUDA graphs")
     warmup: bool = _field(True, "run a short generation of the common shapes before reporting ready")

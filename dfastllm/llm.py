@@ -36,10 +36,11 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel | None = None, *, device: str = "auto",
-                 dtype: str | torch.dtype | None = None, quantization: str = "none", kv_cache: str = "none",
+                 dtype: str | torch.dtype | None = None, quantization: str = "none", kv_cache: str = "auto",
                  max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9,
-                 max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = True):
+                 max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = True,
+                 prefix_caching: bool = True):
         """model: checkpoint directory or hub id (None: the embedded tiny model),
         or a model already loaded with `load_model` (device and dtype then unused).
         device: "auto" (CUDA when available), "cpu", "cuda[:N]". dtype: None or
@@ -47,6 +48,7 @@ class LLM:
         quantization: "none" or "fp8" (the blocks' projections in e4m3; `dfastllm.models.fp8`).
         seed: makes the seeds of requests that give none reproducible.
         cuda_graphs: replay cached steps' forwards as CUDA graphs (CUDA, kv_cache dual/prefix).
+        prefix_caching: LLaDA2 requests share the KV pages of a common prompt prefix.
         The engine is built as the server builds its own (`dfastllm.engine.build`)."""
         loaded = model if isinstance(model, LoadedModel) else None
         if isinstance(dtype, torch.dtype):
@@ -58,7 +60,8 @@ class LLM:
                               device=device, dtype=dtype or "auto", quantization=quantization, kv_cache=kv_cache,
                               max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
                               kv_cache_memory=kv_cache_memory,
-                              max_model_len=max_model_len, seed=seed, cuda_graphs=cuda_graphs)
+                              max_model_len=max_model_len, seed=seed, cuda_graphs=cuda_graphs,
+                              prefix_caching=prefix_caching)
         self.engine = build_engine_core(config, loaded)
         self.loaded = self.engine.loaded
         self.tokenizer = self.loaded.tokenizer

@@ -67,6 +67,9 @@ DEFAULT_EPS = 1e-3  # Dream's schedule floor (DreamGenerationConfig.eps)
 # canvas when a request omits block_length (the HTTP workers leave
 # block_length unset for them; the engine decides by it).
 WHOLE_CANVAS_FAMILIES = frozenset({"dream"})
+# LLaDA2's own request fields (LLaDA2.1's token editing), and their bound.
+LLADA2_FIELDS = ("editing_threshold", "max_post_steps")
+MAX_POST_STEPS = 1024
 
 
 @dataclasses.dataclass
@@ -98,6 +101,11 @@ class SamplingParams:
     # without replacement instead of taking the most confident.
     alg_temp: float | None = None
     eps: float | None = None  # the schedule runs linspace(1, eps, steps + 1); None: DEFAULT_EPS
+    # LLaDA2 only (None: the checkpoint's generation_config.json, else the
+    # published defaults): editing_threshold turns on LLaDA2.1's token
+    # editing; max_post_steps bounds its steps after a block has no mask left.
+    editing_threshold: float | None = None
+    max_post_steps: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.remasking, str):
@@ -130,6 +138,11 @@ class SamplingParams:
             raise ValueError(f"alg_temp must be a finite number >= 0, got {self.alg_temp!r}")
         if self.eps is not None and not (0.0 < self.eps < 1.0):
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        if self.editing_threshold is not None and not (0.0 <= self.editing_threshold <= 1.0):
+            raise ValueError(f"editing_threshold must be in [0, 1], got {self.editing_threshold!r}")
+        if self.max_post_steps is not None and not (isinstance(self.max_post_steps, int)
+                                                    and 0 <= self.max_post_steps <= MAX_POST_STEPS):
+            raise ValueError(f"max_post_steps must be an integer in [0, {MAX_POST_STEPS}], got {self.max_post_steps!r}")
         conflict = alg_conflict(self.alg, self.alg_temp, self.threshold)
         if conflict is not None:
             raise ValueError(conflict[1])
@@ -141,6 +154,10 @@ class SamplingParams:
     def family_conflict(self, family: str) -> tuple[str, str] | None:
         """(field, message) when a field does not apply to how a `family` model
         decodes this request; never silently ignored."""
+        if family != "llada2":
+            for name in LLADA2_FIELDS:
+                if getattr(self, name) is not None:
+                    return name, f"{name} applies to LLaDA2 models only (this is a {family} model)"
         if self.decodes_whole_canvas(family):
             if self.remasking != Remasking.LOW_CONFIDENCE:
                 return "remasking", ("remasking is LLaDA's rule; Dream's own decoding (block_length omitted) "

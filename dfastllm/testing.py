@@ -1,4 +1,4 @@
-"""Tiny checkpoints in the real LLaDA and Dream formats, for tests.
+"""Tiny checkpoints in the real LLaDA, Dream and LLaDA2 formats, for tests.
 
 They hold what a real checkpoint directory holds: `config.json` with the
 checkpoint's own field names, random weights in safetensors (one file or
@@ -27,6 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 LLADA_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|eot_id|>",
                         "<|start_header_id|>", "<|end_header_id|>", "<|mdm_mask|>")
 DREAM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
+LLADA2_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|role_end|>", "<|mask|>")
 
 # LLaDA-8B-Instruct's template: Llama-3 headers, BOS before the first message.
 LLADA_CHAT_TEMPLATE = (
@@ -51,6 +52,15 @@ DREAM_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+# LLaDA2's (Ling's) roles: <role>NAME</role>content<|role_end|>, user = HUMAN.
+LLADA2_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set role = 'HUMAN' if message['role'] == 'user' else message['role'] | upper -%}"
+    "{{- '<role>' + role + '</role>' + message['content'] + '<|role_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<role>ASSISTANT</role>' -}}{%- endif -%}"
+)
+
 # Enough text for a few hundred BPE merges; the merges only shape how text
 # splits, any text still encodes through the byte alphabet.
 DEFAULT_CORPUS = [
@@ -70,7 +80,7 @@ DEFAULT_CORPUS = [
 def write_tokenizer(directory, family: str, *, vocab_size: int = 320, corpus=None) -> HFTokenizer:
     """Byte-level BPE with exactly `vocab_size` tokens; the family's special
     tokens take ids 0..k-1. Writes tokenizer.json and tokenizer_config.json."""
-    special = {"llada": LLADA_SPECIAL_TOKENS, "dream": DREAM_SPECIAL_TOKENS}[family]
+    special = {"llada": LLADA_SPECIAL_TOKENS, "dream": DREAM_SPECIAL_TOKENS, "llada2": LLADA2_SPECIAL_TOKENS}[family]
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -87,6 +97,9 @@ def write_tokenizer(directory, family: str, *, vocab_size: int = 320, corpus=Non
         names = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                  "pad_token": "<|endoftext|>"}
         template = LLADA_CHAT_TEMPLATE
+    elif family == "llada2":  # the mask token is found by name, as in the released tokenizer_config
+        names = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+        template = LLADA2_CHAT_TEMPLATE
     else:
         names = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                  "mask_token": "<|mask|>"}
@@ -173,6 +186,63 @@ def write_tiny_dream(directory, *, seed: int = 0, n_layers: int = 2, d_model: in
     return os.fspath(directory)
 
 
+def write_tiny_llada2(directory, *, seed: int = 0, n_layers: int = 3, d_model: int = 64, n_heads: int = 4,
+                      n_kv_heads: int = 2, head_dim: int = 16, partial_rotary_factor: float = 0.5,
+                      intermediate_size: int = 96, num_experts: int = 8, num_experts_per_tok: int = 3,
+                      n_group: int = 4, topk_group: int = 2, num_shared_experts: int = 1,
+                      moe_intermediate_size: int = 24, first_k_dense_replace: int = 1,
+                      routed_scaling_factor: float = 2.5, use_qk_norm: bool = True, vocab: int = 320,
+                      max_position_embeddings: int = 512, rope_theta: float = 600000.0,
+                      head_scale: float = 1.0, shard: bool = True, generation_config: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> str:
+    """A LLaDA2 (`llada2_moe`) checkpoint directory with random weights: the
+    first `first_k_dense_replace` layers dense, the rest sparse MoE (random
+    expert_bias, so it steers the routing). Like the released config.json it
+    names neither the mask nor the EOS id (the tokenizer does).
+    `generation_config` is written to generation_config.json when given."""
+    tok = write_tokenizer(directory, "llada2", vocab_size=vocab)
+    eos = tok.token_to_id("<|endoftext|>")
+    config = {
+        "model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"],
+        "hidden_size": d_model, "intermediate_size": intermediate_size, "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "head_dim": head_dim,
+        "partial_rotary_factor": partial_rotary_factor, "rope_theta": rope_theta, "rope_scaling": None,
+        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "use_qkv_bias": False, "use_bias": False, "use_qk_norm": use_qk_norm, "norm_head": False,
+        "tie_word_embeddings": False, "num_experts": num_experts, "num_shared_experts": num_shared_experts,
+        "num_experts_per_tok": num_experts_per_tok, "n_group": n_group, "topk_group": topk_group,
+        "routed_scaling_factor": routed_scaling_factor, "moe_intermediate_size": moe_intermediate_size,
+        "first_k_dense_replace": first_k_dense_replace, "score_function": "sigmoid", "norm_topk_prob": True,
+        "router_dtype": "fp32", "vocab_size": vocab, "pad_token_id": eos, "torch_dtype": "bfloat16",
+    }
+    qkv = (n_heads + 2 * n_kv_heads) * head_dim
+    shapes = {"model.word_embeddings.weight": (vocab, d_model)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (d_model,), p + "post_attention_layernorm.weight": (d_model,),
+                   p + "attention.query_key_value.weight": (qkv, d_model),
+                   p + "attention.dense.weight": (d_model, n_heads * head_dim)}
+        if use_qk_norm:
+            shapes |= {p + "attention.query_layernorm.weight": (head_dim,),
+                       p + "attention.key_layernorm.weight": (head_dim,)}
+        mlps = {p + "mlp.": intermediate_size}
+        if i >= first_k_dense_replace:
+            shapes |= {p + "mlp.gate.weight": (num_experts, d_model), p + "mlp.gate.expert_bias": (num_experts,)}
+            mlps = {f"{p}mlp.experts.{e}.": moe_intermediate_size for e in range(num_experts)}
+            if num_shared_experts:
+                mlps[p + "mlp.shared_experts."] = moe_intermediate_size * num_shared_experts
+        for prefix, width in mlps.items():
+            shapes |= {prefix + "gate_proj.weight": (width, d_model), prefix + "up_proj.weight": (width, d_model),
+                       prefix + "down_proj.weight": (d_model, width)}
+    shapes |= {"model.norm.weight": (d_model,), "lm_head.weight": (vocab, d_model)}
+    tensors = _random_tensors(shapes, seed, head="lm_head.weight", head_scale=head_scale, dtype=dtype)
+    _write_json(os.path.join(directory, "config.json"), config)
+    if generation_config is not None:
+        _write_json(os.path.join(directory, "generation_config.json"), generation_config)
+    _write_weights(directory, tensors, shard)
+    return os.fspath(directory)
+
+
 def _random_tensors(shapes: dict, seed: int, *, head: str, head_scale: float, dtype) -> dict:
     """Random weights with sensible scales (never all zeros or all ones):
     norms near 1, matrices ~ N(0, 1/fan_in), embeddings and biases ~ N(0, 1) / 2."""
@@ -182,7 +252,7 @@ def _random_tensors(shapes: dict, seed: int, *, head: str, head_scale: float, dt
         noise = torch.randn(shape, generator=gen)
         if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
             t = 1.0 + 0.1 * noise
-        elif len(shape) == 1 or "wte" in name or "embed_tokens" in name:
+        elif len(shape) == 1 or "wte" in name or "embed_tokens" in name or "word_embeddings" in name:
             t = 0.5 * noise
         else:
             t = noise / math.sqrt(shape[1])
@@ -216,17 +286,17 @@ def _write_json(path, obj) -> None:
 
 
 def main(argv=None) -> None:
-    """`python -m dfastllm.testing DIR [--family llada|dream]`: write a tiny
+    """`python -m dfastllm.testing DIR [--family llada|dream|llada2]`: write a tiny
     random checkpoint to serve or benchmark without downloading weights (it
     answers with random text: it exercises the server, it knows nothing)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m dfastllm.testing", description=main.__doc__)
     parser.add_argument("directory")
-    parser.add_argument("--family", choices=("llada", "dream"), default="llada")
+    parser.add_argument("--family", choices=("llada", "dream", "llada2"), default="llada")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write = write_tiny_llada if args.family == "llada" else write_tiny_dream
+    write = {"llada": write_tiny_llada, "dream": write_tiny_dream, "llada2": write_tiny_llada2}[args.family]
     print(write(args.directory, seed=args.seed))
 
 

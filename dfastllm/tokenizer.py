@@ -23,8 +23,9 @@ import tokenizers
 # `SPECIAL_TOKENS_ATTRIBUTES`).
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token",
                         "pad_token", "cls_token", "mask_token")
-# End-of-turn tokens of the chat formats we serve (Llama-3 headers, ChatML).
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
+# End-of-turn tokens of the chat formats we serve (Llama-3 headers, ChatML,
+# LLaDA2's Ling roles).
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|role_end|>")
 # Mask tokens of LLaDA and Dream, for tokenizer configs that do not name one.
 MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>")
 

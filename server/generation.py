@@ -306,7 +306,8 @@ def sampling_params(state, request, prompt_tokens: int) -> SamplingParams:
     # An omitted block_length is the server's default, except for a family
     # whose own algorithm then decodes the whole canvas (Dream).
     block_length = request.block_length
-    if block_length is None and state.model.family not in WHOLE_CANVAS_FAMILIES:
+    # (LLaDA2: the checkpoint's generation_config.json has the default.)
+    if block_length is None and state.model.family not in WHOLE_CANVAS_FAMILIES | {"llada2"}:
         block_length = config.default_block_length
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -322,6 +323,8 @@ def sampling_params(state, request, prompt_tokens: int) -> SamplingParams:
         alg=request.alg,
         alg_temp=request.alg_temp,
         eps=request.eps,
+        editing_threshold=request.editing_threshold,
+        max_post_steps=request.max_post_steps,
     )
     conflict = params.family_conflict(state.model.family)
     if conflict is not None:

@@ -27,7 +27,7 @@ import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from dfastllm.sampling_params import alg_conflict
+from dfastllm.sampling_params import MAX_POST_STEPS, alg_conflict
 from server.errors import ApiError, InvalidRequest, NotFound, clip
 
 MAX_N = 8
@@ -191,7 +191,7 @@ class _Generation(_Strict):
     threshold: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     # vLLM's top_k (-1 or 0: all tokens), and Dream's diffusion_generate()
     # arguments, for a Dream model with block_length omitted.
-    top_k: Annotated[int, Field(ge=-1, description="keep the k most likely tokens; -1 or 0: all")] | None = None
+    top_k: Annotated[int, Field(ge=-1, description="keep the k most likely tokens; -1 or 0: all"), INTEGRAL] | None = None
     alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
         None, description="Dream's own decoding (a Dream model, block_length omitted): which confidence picks the "
                           "cells to commit; default entropy, maskgit_plus with threshold")
@@ -199,6 +199,12 @@ class _Generation(_Strict):
         None, description="Dream: > 0 draws the cells from softmax(confidence / alg_temp) instead of the top ones")
     eps: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None, description="Dream: the schedule's last timestep, linspace(1, eps, steps + 1); default 0.001")
+    # LLaDA2.1's token editing (LLaDA2 models only; default: the checkpoint's generation_config.json).
+    editing_threshold: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = Field(
+        None, description="LLaDA2: rewrite a committed cell of the current block whose new sample differs with "
+                          "confidence above this (LLaDA2.1 editing)")
+    max_post_steps: Annotated[int, Field(ge=0, le=MAX_POST_STEPS), INTEGRAL] | None = Field(
+        None, description="LLaDA2.1 editing: most steps a block runs after it has no mask left")
     # vLLM extension: generate exactly max_tokens (benchmarks).
     ignore_eos: bool | None = False
 

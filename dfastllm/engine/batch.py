@@ -16,6 +16,11 @@ cached modes, also its block table and the pool slot of each query token,
 where that token's K/V is written before attention reads the pages
 (kv_cache none: token i's slot is i, in a scratch page of the step's tokens).
 
+Block-causal attention (LLaDA2, `Request.attention_block` > 0): a row's
+queries span whole blocks (its current block, and the finished blocks whose
+K/V it computes), and each block is its own attention row, seeing the
+canvas only up to its block's end; its tokens stay one request in the pack.
+
 A step replayed as a CUDA graph (`pad_to`) is padded up to its bucket of
 tokens and rows: the padding tokens form one extra row that attends only
 to the scratch page, and the other padding rows are empty.
@@ -59,19 +64,31 @@ class StepBatch:
 
 def query_extent(r: Request, cache_mode: str, logits_shift: int) -> tuple[int, int]:
     """The canvas positions [start, end) that request r queries at its next step."""
+    if r.attention_block:
+        return r.query_extent(cache_mode)
     if cache_mode == "none" or r.needs_full_forward:
         return 0, r.canvas_len
     return r.block_start - logits_shift, (r.block_end if cache_mode == "dual" else r.canvas_len)
 
 
+def attention_rows(r: Request, start: int, end: int) -> list[tuple[int, int]]:
+    """(query end, key length) of each attention row of request r's queries
+    [start, end): one seeing its whole canvas, or under block-causal attention
+    one per block, each seeing the canvas up to that block's end."""
+    if not r.attention_block:
+        return [(end, r.canvas_len)]
+    ends = list(range((start // r.attention_block + 1) * r.attention_block, end, r.attention_block)) + [end]
+    return [(e, e) for e in ends]
+
+
 def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str, logits_shift: int,
                page_size: int = 0, pad_to: tuple[int, int, int] | None = None) -> StepBatch:
     """Inputs for one step of `requests` (in ascending canvas row, `r.slot`);
-    page_size: of the KV pool (cached modes); pad_to: (tokens, rows, pages per
+    page_size: of the KV pool (0: no pool); pad_to: (tokens, rows, pages per
     row) of a CUDA graph bucket, at least one row more than `requests`."""
     device = canvas.device
     n_rows, canvas_rows = len(requests), canvas.shape[0]
-    cached = cache_mode != "none"
+    cached = page_size > 0  # over the page pool (LLaDA2 always, even with kv_cache none)
     slots = np.array([r.slot for r in requests], dtype=np.int64)
     lengths = np.array([r.canvas_len for r in requests], dtype=np.int64)
     extents = np.array([query_extent(r, cache_mode, logits_shift) for r in requests], dtype=np.int64)
@@ -81,27 +98,37 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     token_row = np.repeat(np.arange(n_rows), q_len)
     token_pos = q_start[token_row] + np.arange(n_tokens) - cu_q[token_row]
     canvas_index = slots[token_row] * canvas.shape[1] + token_pos
-    seqlens_k = lengths
+    # Attention rows: one per request, or one per block under block-causal attention.
+    splits = [attention_rows(r, int(q_start[i]), int(extents[i, 1])) for i, r in enumerate(requests)]
+    attn_req = np.repeat(np.arange(n_rows), [len(rows) for rows in splits])
+    attn_end = np.array([e for rows in splits for e, _ in rows], dtype=np.int64)
+    seqlens_k = np.array([k for rows in splits for _, k in rows], dtype=np.int64)
+    attn_q_len = attn_end - np.concatenate([[0], attn_end[:-1]])
+    first = np.concatenate([[0], np.cumsum([len(rows) for rows in splits])[:-1]])
+    attn_q_len[first] = attn_end[first] - q_start  # each request's first row starts at its query start
+    cu_attn = np.concatenate([[0], np.cumsum(attn_q_len)])
+    n_attn = len(attn_req)
 
-    pages = [r.pages for r in requests] if cached else []
+    pages = [requests[i].pages for i in attn_req] if cached else []
     table = np.zeros((0, 0), dtype=np.int64)
     slot_mapping = np.arange(n_tokens, dtype=np.int64)  # kv_cache none: the step's own scratch page
     if cached:
         width = pad_to[2] if pad_to else max(len(p) for p in pages)
         table = np.zeros((n_rows, width), dtype=np.int64)
-        for i, p in enumerate(pages):
-            table[i, :len(p)] = p
+        for i, r in enumerate(requests):
+            table[i, :len(r.pages)] = r.pages
         slot_mapping = table[token_row, token_pos // page_size] * page_size + token_pos % page_size
-    max_q, max_k = int(q_len.max()), int(lengths.max())
+        table = table[attn_req]
+    max_q, max_k = int(attn_q_len.max()), int(seqlens_k.max())
     if pad_to is not None:
         # The padding tokens are one extra row over the scratch page (page 0,
         # slot 0), so every token of the pack belongs to a row; further rows are empty.
         tokens, rows, _ = pad_to
         extra = tokens - n_tokens
-        assert extra >= 0 and rows > n_rows, (pad_to, n_tokens, n_rows)
-        cu_q = np.concatenate([cu_q, np.full(rows - n_rows, tokens)])
-        seqlens_k = np.concatenate([lengths, np.ones(rows - n_rows, dtype=np.int64)])
-        table = np.concatenate([table, np.zeros((rows - n_rows, table.shape[1]), dtype=np.int64)])
+        assert extra >= 0 and rows > n_attn, (pad_to, n_tokens, n_attn)
+        cu_attn = np.concatenate([cu_attn, np.full(rows - n_attn, tokens)])
+        seqlens_k = np.concatenate([seqlens_k, np.ones(rows - n_attn, dtype=np.int64)])
+        table = np.concatenate([table, np.zeros((rows - n_attn, table.shape[1]), dtype=np.int64)])
         canvas_index = np.concatenate([canvas_index, np.zeros(extra, dtype=np.int64)])
         token_pos = np.concatenate([token_pos, np.zeros(extra, dtype=np.int64)])
         slot_mapping = np.concatenate([slot_mapping, np.zeros(extra, dtype=np.int64)])
@@ -116,7 +143,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     sampling = SamplingPlan(requests, counts, cand_pos, lengths, slots=slots, canvas_rows=canvas_rows)
 
     cu_k = np.concatenate([[0], np.cumsum(seqlens_k)])
-    ints = [canvas_index, token_pos, slot_mapping, cu_q, cu_k, seqlens_k, table.ravel(), hidden_index, slots[cand_req],
+    ints = [canvas_index, token_pos, slot_mapping, cu_attn, cu_k, seqlens_k, table.ravel(), hidden_index, slots[cand_req],
             cand_pos, sampling.row_offsets]
     int_parts = _upload(ints + sampling.ints, np.int64, device)
     float_parts = _upload(sampling.floats, np.float32, device)
@@ -127,7 +154,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
         cu_seqlens_q=cu_q_t.to(torch.int32), cu_seqlens_k=cu_k_t.to(torch.int32), seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q,
         max_seqlen_k=max_k, block_tables=table_t.view(table.shape).to(torch.int32) if cached else None,
         slot_mapping=slot_mapping_t, page_size=page_size,
-        host_seqlens_q=q_len.tolist(), host_seqlens_k=lengths.tolist(), host_pages=pages)
+        host_seqlens_q=attn_q_len.tolist(), host_seqlens_k=seqlens_k[:n_attn].tolist(), host_pages=pages)
     return StepBatch(
         rows=n_rows, input_ids=canvas.view(-1).index_select(0, canvas_index_t), position_ids=positions_t,
         attn=attn, query_tokens=n_tokens, full_rows=int(sum(r.needs_full_forward or not cached for r in requests)),

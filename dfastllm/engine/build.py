@@ -60,4 +60,4 @@ def build_engine_core(config: ServerConfig, loaded: LoadedModel | None = None, *
     return EngineCore(loaded, kv_cache=config.kv_cache, max_batch_size=config.max_batch_size,
                       max_num_batched_tokens=config.max_num_batched_tokens,
                       kv_cache_memory=config.kv_cache_memory, max_model_len=config.max_model_len,
-                      seed=config.seed, cuda_graphs=config.cuda_graphs)
+                      seed=config.seed, cuda_graphs=config.cuda_graphs, prefix_caching=config.prefix_caching)

@@ -30,8 +30,10 @@ import logging
 import random
 import time
 
+import numpy as np
 import torch
 
+from dfastllm.engine import llada2_decoding
 from dfastllm.engine.batch import build_step, query_extent
 from dfastllm.engine.cuda_graphs import CachedStepGraphs, graphs_supported
 from dfastllm.engine.kv_cache import CanvasRows, PagePool, bytes_per_page, kv_pool_pages
@@ -43,7 +45,7 @@ from dfastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-KV_CACHE_MODES = ("none", "prefix", "dual")
+KV_CACHE_MODES = ("auto", "none", "prefix", "dual")
 # Tokens per KV page: small pages waste little of a request's last page;
 # torch's flash kernel reads pages in place only at multiples of 256.
 DEFAULT_PAGE_SIZE = 16
@@ -62,6 +64,9 @@ class EngineStats:
     last_step_query_tokens: int = 0  # tokens the step's forward computed (its rows' queries)
     last_step_tokens_committed: int = 0
     last_step_seconds: float = 0.0
+    # Prefix caching (LLaDA2): prompt tokens looked up in the cache, and found (whole pages).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @property
     def tokens_per_step(self) -> float:
@@ -70,20 +75,25 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, loaded, *, kv_cache: str = "none", max_batch_size: int = 32,
+    def __init__(self, loaded, *, kv_cache: str = "auto", max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9, page_size: int | None = None,
                  max_model_len: int | None = None, device: str | torch.device | None = None,
-                 seed: int | None = None, cuda_graphs: bool = True):
+                 seed: int | None = None, cuda_graphs: bool = True, prefix_caching: bool = True):
         """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
+        kv_cache: "auto" is the family's default (dual for LLaDA2, none otherwise);
         max_num_batched_tokens: most query tokens one step computes;
         kv_cache_memory: the KV page pool (cached modes), in bytes (> 1) or as
         a fraction (<= 1) of the device memory free now (capped at what
         max_batch_size canvases of max_model_len could use); page_size: tokens
         per page (default 256 where the flash kernel reads pages, else 16);
         `seed` makes the seeds drawn for requests without one reproducible;
-        `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix)."""
+        `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix);
+        `prefix_caching`: requests share the cached pages of a common prompt
+        prefix (LLaDA2 with its block cache, whose K/V is exact; kv_cache.py)."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+        if kv_cache == "auto":  # the family's default: only LLaDA2's block cache is exact
+            kv_cache = "dual" if loaded.family == "llada2" else "none"
         if max_batch_size < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_batch_size and max_num_batched_tokens must be >= 1")
         self.loaded = loaded
@@ -103,8 +113,13 @@ class EngineCore:
         self.logits_shift = int(self.model.logits_shift)
         self.canvas = CanvasRows(rows=max_batch_size, columns=self.max_model_len, fill_id=loaded.pad_token_id,
                                  device=self.device)
+        # LLaDA2 decodes by its own rules (llada2_decoding.py), with defaults from
+        # the checkpoint's generation_config.json; its block-causal attention
+        # always runs over the page pool (kv_cache none: recomputed every step).
+        self.llada2_defaults = (llada2_decoding.LLaDA2Defaults.from_generation_config(loaded.generation_config)
+                                if loaded.family == "llada2" else None)
         self.pool = None
-        if kv_cache != "none":
+        if kv_cache != "none" or self.llada2_defaults is not None:
             flash = flash_usable(weight.dtype, self.device, config.head_dim, config.n_kv_heads != config.n_heads)
             page_size = page_size or (FLASH_PAGE_MULTIPLE if flash and flash_reads_pages(FLASH_PAGE_MULTIPLE)
                                       else DEFAULT_PAGE_SIZE)
@@ -114,11 +129,13 @@ class EngineCore:
             num_pages = kv_pool_pages(kv_cache_memory, bytes_per_page(**shape, page_size=page_size), self.device,
                                       most_pages)
             self.pool = PagePool(**shape, device=self.device, page_size=page_size, num_pages=num_pages)
+        self.prefix_caching = prefix_caching and self.llada2_defaults is not None and kv_cache != "none"
         self.scheduler = Scheduler(max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
-                                   canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens)
+                                   canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens,
+                                   prefix_caching=self.prefix_caching)
         self.graphs = (CachedStepGraphs(self.model, self.pool.cache, max_pages=-(-self.max_model_len // self.pool.page_size),
                                         max_seqlen_k=self.max_model_len)
-                       if cuda_graphs and self.pool is not None and graphs_supported(weight.dtype, self.device,
+                       if cuda_graphs and kv_cache != "none" and graphs_supported(weight.dtype, self.device,
                                                                                       config, self.pool.page_size)
                        else None)
         self.stats = EngineStats()
@@ -175,9 +192,19 @@ class EngineCore:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos_ids)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        self.scheduler.add(Request(request_id, prompt_ids, params, seed=seed, mask_id=self.mask_id,
-                                   stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic(),
-                                   family=self.loaded.family))
+        common = dict(seed=seed, mask_id=self.mask_id, stop_ids=stop_ids, deadline=deadline, arrival=time.monotonic(),
+                      family=self.loaded.family)
+        if self.llada2_defaults is None:
+            request = Request(request_id, prompt_ids, params, **common)
+        else:
+            request = llada2_decoding.LLaDA2Request(request_id, prompt_ids, params, defaults=self.llada2_defaults,
+                                                    **common)
+            limit = min(self.max_model_len, self.scheduler.max_num_batched_tokens, self.pool.capacity * self.pool.page_size)
+            if request.canvas_len > limit:
+                raise ValueError(f"prompt + max_tokens rounded up to whole blocks of {request.attention_block} is "
+                                 f"{request.canvas_len} tokens, over max_model_len {self.max_model_len}, "
+                                 f"max_num_batched_tokens or the KV pool")
+        self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request at once (its row is free for the
@@ -215,7 +242,13 @@ class EngineCore:
                     cache = self.pool.cache if self.pool is not None else None
                     hidden = self.model.forward_packed(batch.input_ids, batch.position_ids,
                                                        RaggedAttention(batch.attn, cache))
-                cells = sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas, self.mask_id)
+                if self.llada2_defaults is None:
+                    cells = sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas, self.mask_id)
+                else:
+                    extra = llada2_decoding.step_inputs(running, np.diff(batch.host_offsets), self.canvas.canvas.shape[0],
+                                                        self.device)
+                    cells = llada2_decoding.sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas,
+                                                              self.mask_id, extra)
                 cells = cells.cpu().numpy()  # the step's one synchronisation
         except Exception as e:  # noqa: BLE001 - any failure here is the step's, not the engine's
             return outputs + self._fail(running, e)
@@ -226,6 +259,9 @@ class EngineCore:
             lo, hi = offsets[i], offsets[i + 1]
             new_tokens, committed = r.apply_step(batch.host_positions[lo:hi], cells[lo:hi])
             committed_total += committed
+            if self.prefix_caching:
+                for page, key in r.final_pages(self.pool.page_size):
+                    self.pool.register(page, key)
             if r.finish_reason is not None:
                 self.scheduler.remove(r)
                 self.stats.requests_finished += 1
@@ -240,6 +276,9 @@ class EngineCore:
         s.last_step_query_tokens = batch.query_tokens
         s.last_step_tokens_committed = committed_total
         s.last_step_seconds = time.perf_counter() - started
+        if self.prefix_caching:
+            s.prefix_cache_queries = self.pool.prefix_queries * self.pool.page_size
+            s.prefix_cache_hits = self.pool.prefix_hits * self.pool.page_size
         return outputs
 
     def drain_queue_times(self) -> list[float]:
@@ -272,6 +311,8 @@ class EngineCore:
                         self.abort(f"__warmup-{n}-{i}")
                     raise RuntimeError(f"warm-up failed: {failed.error}")
         self.stats = stats
+        if self.pool is not None:  # nor are its prefix cache lookups
+            self.pool.prefix_queries = self.pool.prefix_hits = 0
         self._queue_times.clear()
 
     # ---- internals ----------------------------------------------------------
@@ -290,7 +331,7 @@ class EngineCore:
         """Admit waiting requests into free canvas rows (and pages);
         -> an error output for a request whose canvas could not be written."""
         try:
-            self.scheduler.admit(lambda r: torch.tensor(r.prompt_ids + [self.mask_id] * r.gen_len,
+            self.scheduler.admit(lambda r: torch.tensor(r.prompt_ids + [self.mask_id] * (r.canvas_len - r.prompt_len),
                                                         dtype=torch.long).to(self.device))
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory
             return self._fail([self.scheduler.waiting[0]], e)

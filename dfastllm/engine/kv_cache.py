@@ -9,6 +9,14 @@
   when it finishes, is cancelled or fails; no page is ever moved. Page 0 is
   never handed out: padded tokens of a captured CUDA graph write there.
 
+Prefix caching (LLaDA2, whose finished blocks' K/V are exact): a page whose
+K/V is final is registered under a key, a hash of the tokens it depends on
+(`LLaDA2Request.page_keys`). A later request whose prompt gives the same
+keys takes those pages as they are, copy-free: pages are counted by
+reference, and one goes back only when no request holds it. An unreferenced
+page with a key stays in an LRU (at most `max_cached_pages`) to serve later
+hits, and is the first taken when the free list runs out.
+
 The pool's size is fixed when the engine starts (`kv_pool_pages`): a byte
 count or a fraction of the device memory free after loading the model,
 capped at what max_batch_size canvases of max_model_len could ever use.
@@ -17,6 +25,7 @@ Fixed tensors also keep a CUDA graph's K/V addresses valid for its life.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import torch
@@ -46,7 +55,8 @@ class CanvasRows:
 
 class PagePool:
     def __init__(self, *, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, page_size: int, num_pages: int):
+                 device: torch.device, page_size: int, num_pages: int, max_cached_pages: int | None = None):
+        """max_cached_pages: most unreferenced pages kept for prefix hits (None: as many as the pool holds)."""
         if num_pages < 2:
             raise ValueError(f"the KV pool needs at least 2 pages (one is scratch), got {num_pages}")
         self.page_size = page_size
@@ -55,6 +65,13 @@ class PagePool:
         # Zeros, not empty: no cell may hold NaN, even one that only padding reads.
         self.cache = PagedKVCache(kv=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
         self._free = list(range(num_pages - 1, 0, -1))  # page 0 is the scratch page
+        self.max_cached_pages = self.capacity if max_cached_pages is None else max_cached_pages
+        self._refs = [0] * num_pages
+        self._key_of: dict[int, bytes] = {}  # page -> its prefix key (final K/V)
+        self._page_of: dict[bytes, int] = {}  # prefix key -> page
+        self._unreferenced: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU, oldest first
+        self.prefix_queries = 0  # pages looked up by key (monotonic)
+        self.prefix_hits = 0  # of those, found
 
     @property
     def capacity(self) -> int:
@@ -63,25 +80,81 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages a new request can get: free ones and unreferenced cached ones."""
+        return len(self._free) + len(self._unreferenced)
 
     @property
     def num_used(self) -> int:
         return self.capacity - self.num_free
 
+    @property
+    def num_cached(self) -> int:
+        """Pages registered under a prefix key (held or not)."""
+        return len(self._key_of)
+
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
     def allocate(self, tokens: int) -> list[int]:
-        """Pages for `tokens` canvas positions; RuntimeError if too few are free
-        (the scheduler checks `num_free` first)."""
-        n = self.pages_for(tokens)
-        if n > len(self._free):
-            raise RuntimeError(f"KV pool exhausted: {n} pages wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        """Fresh pages for `tokens` canvas positions; RuntimeError if too few
+        are free (the scheduler checks `num_free` first)."""
+        return self.allocate_prefix(tokens, [])[0]
+
+    def allocate_prefix(self, tokens: int, keys: list[bytes]) -> tuple[list[int], int]:
+        """Pages for `tokens` canvas positions: first the cached pages of the
+        leading `keys` that are registered (the hits, shared), then fresh ones;
+        -> (pages, hits)."""
+        pages = []
+        for key in keys:
+            page = self._page_of.get(key)
+            if page is None:
+                break
+            self._unreferenced.pop(page, None)
+            self._refs[page] += 1
+            pages.append(page)
+        hits = len(pages)
+        self.prefix_queries += len(keys)
+        self.prefix_hits += hits
+        n = self.pages_for(tokens) - hits
+        if n > self.num_free:
+            self.release(pages)
+            raise RuntimeError(f"KV pool exhausted: {n} pages wanted, {self.num_free} free")
+        for _ in range(n):
+            page = self._free.pop() if self._free else self._evict()
+            self._refs[page] = 1
+            pages.append(page)
+        return pages, hits
+
+    def register(self, page: int, key: bytes) -> None:
+        """Page `page` (held) now holds the final K/V that `key` names; a key
+        already registered keeps its page (this one stays private)."""
+        if key not in self._page_of and page not in self._key_of:
+            self._page_of[key] = page
+            self._key_of[page] = key
 
     def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        for page in reversed(pages):
+            self._refs[page] -= 1
+            if self._refs[page]:
+                continue
+            if page in self._key_of and self.max_cached_pages > 0:
+                self._unreferenced[page] = None
+                if len(self._unreferenced) > self.max_cached_pages:
+                    self._free.append(self._evict())
+            else:
+                self._forget(page)
+                self._free.append(page)
+
+    def _evict(self) -> int:
+        """The least recently released cached page, its key forgotten."""
+        page, _ = self._unreferenced.popitem(last=False)
+        self._forget(page)
+        return page
+
+    def _forget(self, page: int) -> None:
+        key = self._key_of.pop(page, None)
+        if key is not None:
+            del self._page_of[key]
 
 
 def bytes_per_page(*, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int) -> int:

@@ -9,7 +9,7 @@ module must be imported after the environment is set (the engine process
 imports it from `main`).
 
 Only what the engine alone knows is counted here: steps, tokens per step,
-queue time, load, KV pages and device memory, the circuit breaker, and the cancellations the engine decides
+queue time, load, KV pages and prefix cache hits, device memory, the circuit breaker, and the cancellations the engine decides
 itself (deadline, dead worker). Success, latency and rejections are counted
 by the HTTP workers, which see the client's view.
 """
@@ -68,6 +68,11 @@ class EngineMetrics:
         self.internal_entries = Gauge(PREFIX + "internal_entries",
                                       "Entries in a table that requests fill (largest over the live workers)",
                                       ["table"], registry=r, multiprocess_mode="livemax")
+        self.prefix_cache_queries = Counter(PREFIX + "prefix_cache_queries_total",
+                                            "Prompt tokens looked up in the prefix cache (LLaDA2: whole pages of "
+                                            "whole blocks)", registry=r)
+        self.prefix_cache_hits = Counter(PREFIX + "prefix_cache_hits_total",
+                                         "Prompt tokens whose K/V the prefix cache held", registry=r)
         # Same name as the workers' counter: multiprocess mode sums by labels, and the
         # engine only uses the reasons it alone decides ("deadline", "worker_gone").
         self.cancelled = Counter(PREFIX + "request_cancelled_total", "Requests cancelled before they finished",
@@ -88,6 +93,13 @@ class EngineMetrics:
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def observe_prefix_cache(self, queries: int, hits: int) -> None:
+        """Add the tokens queried and hit since the last call."""
+        if queries:
+            self.prefix_cache_queries.inc(queries)
+        if hits:
+            self.prefix_cache_hits.inc(hits)
 
     def set_kv_pages(self, used: int, free: int) -> None:
         self.kv_pages_used.set(used)

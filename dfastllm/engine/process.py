@@ -90,6 +90,7 @@ class EngineProcess:
         self.channels = WorkerChannels(layout)
         self.router = RequestRouter(core, config, metrics=metrics)
         self._published_circuit: tuple | None = None
+        self._published_prefix_cache = (0, 0)  # EngineStats' prefix cache counters at the last publish
         self.stop_requested = False  # set by SIGTERM
         self._drain_deadline: float | None = None
         self._stalled_since: dict[int, float] = {}
@@ -213,6 +214,10 @@ class EngineProcess:
         if self.metrics is not None:
             self.metrics.set_load(self.core.num_running, self.core.num_waiting)
             self.metrics.set_kv_pages(self.core.kv_pages_used, self.core.kv_pages_free)
+            stats = self.core.stats
+            queries, hits = self._published_prefix_cache
+            self.metrics.observe_prefix_cache(stats.prefix_cache_queries - queries, stats.prefix_cache_hits - hits)
+            self._published_prefix_cache = (stats.prefix_cache_queries, stats.prefix_cache_hits)
         if now >= self._next_memory_update:
             self._next_memory_update = now + DEVICE_MEMORY_INTERVAL_S
             used, total = device_memory(self.core.device)

@@ -42,7 +42,11 @@ class Request:
     index g is canvas position P + g. Blocks cover the generation in order;
     under Dream's own decoding (`whole_canvas`) one block covers all of it.
     `family` is the model's ("llada", "dream"): with the params it decides
-    the algorithm (sampler.py)."""
+    the algorithm (sampler.py). LLaDA2's rules are a subclass
+    (llada2_decoding.py)."""
+
+    # Attention is bidirectional (0) or block-causal in blocks of this length (LLaDA2).
+    attention_block = 0
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, seed: int,
                  mask_id: int, stop_ids: frozenset[int], deadline: float | None, arrival: float,
@@ -136,6 +140,16 @@ class Request:
                 self.block_step, self._planned = step, count
                 return
             self.block_step += 1
+
+    # ---- prefix caching: only block-causal attention (LLaDA2) has K/V that
+    # the tokens before it alone decide, so only its requests share pages ----
+    def prompt_page_keys(self, page_size: int) -> list[bytes]:
+        """Keys of the pages of the prompt whose K/V another request may have cached."""
+        return []
+
+    def reuse_prefix(self, pages: int, page_size: int) -> None:
+        """Its first `pages` pages came from the prefix cache, K/V included."""
+        assert pages == 0, "a bidirectional request shares no pages"
 
     # ---- after a step ------------------------------------------------------
     def apply_step(self, positions: np.ndarray, values: np.ndarray) -> tuple[list[int], int]:

@@ -6,7 +6,8 @@ Two budgets bound the work, both counted in what is really computed or held:
   queries this step (its whole canvas at a block's first step or with
   kv_cache none; its block, or block and tail, in a cached step);
 * KV pages (cached modes): a running request holds the pages of its whole
-  canvas from admission until it leaves.
+  canvas from admission until it leaves (with prefix caching, some of them
+  shared: the cached pages of its prompt's prefix).
 
 Admission is strictly first come first served: the head of the queue joins
 when a canvas row is free (max_batch_size), the pool has its pages, and its
@@ -34,8 +35,10 @@ from dfastllm.engine.request import Request
 
 class Scheduler:
     def __init__(self, *, max_batch_size: int, max_num_batched_tokens: int, canvas: CanvasRows,
-                 pool: PagePool | None, query_tokens: Callable[[Request], int]):
-        """query_tokens(r): what request r queries at its next step."""
+                 pool: PagePool | None, query_tokens: Callable[[Request], int], prefix_caching: bool = False):
+        """query_tokens(r): what request r queries at its next step; prefix_caching:
+        a request starts on the cached pages of its prompt's prefix (kv_cache.py)."""
+        self.prefix_caching = prefix_caching
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.canvas = canvas
@@ -85,7 +88,9 @@ class Scheduler:
             self.waiting.popleft()
             head.slot = self.canvas.allocate(tokens_of_head)
             if self.pool is not None:
-                head.pages = self.pool.allocate(head.canvas_len)
+                keys = head.prompt_page_keys(self.pool.page_size) if self.prefix_caching else []
+                head.pages, hits = self.pool.allocate_prefix(head.canvas_len, keys)
+                head.reuse_prefix(hits, self.pool.page_size)
             head.last_step = self._steps
             self.running.append(head)
             tokens += head.canvas_len

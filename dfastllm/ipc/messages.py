@@ -157,14 +157,16 @@ _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _SLOT_TIME = struct.Struct("=Iq")  # worker_slot, submit_time_ns
 # max_tokens, temperature, top_p, steps, block_length, remasking, threshold,
-# seed, ignore_eos, top_k, alg, alg_temp, eps, presence bits of the optional
-# fields (see _OPTIONAL).
-_PARAMS = struct.Struct("=IddIIBdQBIBddB")
-_OPTIONAL = ("steps", "block_length", "threshold", "seed", "top_k", "alg", "alg_temp", "eps")
+# seed, ignore_eos, top_k, alg, alg_temp, eps, editing_threshold,
+# max_post_steps, presence bits of the optional fields (see _OPTIONAL).
+_PARAMS = struct.Struct("=IddIIBdQBIBdddIH")
+_OPTIONAL = ("steps", "block_length", "threshold", "seed", "top_k", "alg", "alg_temp", "eps", "editing_threshold",
+             "max_post_steps")
 # Every SamplingParams field the codec carries; a test checks this against
 # the dataclass so a new field cannot be silently dropped on the wire.
 PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "steps", "block_length", "remasking",
-                "threshold", "seed", "stop_token_ids", "ignore_eos", "top_k", "alg", "alg_temp", "eps")
+                "threshold", "seed", "stop_token_ids", "ignore_eos", "top_k", "alg", "alg_temp", "eps",
+                "editing_threshold", "max_post_steps")
 _FINISHED = struct.Struct("=BIIIdd")
 _REJECTED = struct.Struct("=B")
 _ACK = struct.Struct("=QB")
@@ -201,7 +203,7 @@ def _params(p: SamplingParams) -> bytes:
             present |= 1 << bit
     fixed = _PARAMS.pack(p.max_tokens, p.temperature, p.top_p, p.steps or 0, p.block_length or 0, int(p.remasking),
                          p.threshold or 0.0, p.seed or 0, p.ignore_eos, p.top_k or 0, int(p.alg or 0),
-                         p.alg_temp or 0.0, p.eps or 0.0, present)
+                         p.alg_temp or 0.0, p.eps or 0.0, p.editing_threshold or 0.0, p.max_post_steps or 0, present)
     return fixed + _int32s(p.stop_token_ids)
 
 
@@ -286,8 +288,9 @@ def _enum(cls: type[enum.IntEnum], value: int):
 
 def _decode_params(r: _Reader) -> SamplingParams:
     (max_tokens, temperature, top_p, steps, block_length, remasking, threshold, seed, ignore_eos, top_k, alg,
-     alg_temp, eps, present) = r.unpack(_PARAMS)
-    values = (steps, block_length, threshold, seed, top_k, _enum(DreamAlg, alg), alg_temp, eps)
+     alg_temp, eps, editing_threshold, max_post_steps, present) = r.unpack(_PARAMS)
+    values = (steps, block_length, threshold, seed, top_k, _enum(DreamAlg, alg), alg_temp, eps, editing_threshold,
+              max_post_steps)
     optional = {name: value if present >> bit & 1 else None for bit, (name, value) in enumerate(zip(_OPTIONAL, values))}
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           remasking=_enum(Remasking, remasking), ignore_eos=bool(ignore_eos),

@@ -1,4 +1,4 @@
-"""Native model families (LLaDA, Dream) and the checkpoint loader.
+"""Native model families (LLaDA, Dream, LLaDA2) and the checkpoint loader.
 
 Every model has the same interface: `forward_packed(input_ids, position_ids,
 attention) -> hidden` over a ragged batch of packed tokens (the engine's;

@@ -166,14 +166,30 @@ class RaggedAttention:
 
     def __call__(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: Heads, *,
                  plain_torch: bool = False) -> torch.Tensor:
-        meta = self.meta
-        if self.cache is not None:
-            kv = self.cache.kv[layer]                                          # [2, P, page_size, Hkv, D]
-        else:  # this step's K/V only, in one scratch page of N slots
-            kv = qkv.new_empty(2, 1, qkv.shape[0], heads.n_kv_heads, heads.head_dim)
-        q = rope_write_kv(qkv[None], cos[None], sin[None], kv[0], kv[1], meta.slot_mapping[None], heads,
+        kv = self._pages(layer, qkv, heads.n_kv_heads, heads.head_dim)
+        q = rope_write_kv(qkv[None], cos[None], sin[None], kv[0], kv[1], self.meta.slot_mapping[None], heads,
                           plain_torch=plain_torch)[0]                          # [N, H, D]
-        grouped_heads = heads.n_heads != heads.n_kv_heads
+        return self._attend(q, kv)
+
+    def attend_rotated(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """For a model that normalises and rotates q and k itself (LLaDA2: QK-norm,
+        partial RoPE): q [N, H, D], k, v [N, Hkv, D]; k and v are written at
+        slot_mapping, then the same attention as `__call__`. -> [N, H, D]."""
+        kv = self._pages(layer, q, k.shape[1], k.shape[2])
+        write_kv(kv[0], kv[1], self.meta.slot_mapping, k, v)
+        return self._attend(q, kv)
+
+    def _pages(self, layer: int, like: torch.Tensor, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """[2, P, page_size, Hkv, D]: the layer's pages, or without a cache one
+        scratch page of the step's N tokens."""
+        if self.cache is not None:
+            return self.cache.kv[layer]
+        return like.new_empty(2, 1, like.shape[0], n_kv_heads, head_dim)
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D] over the K/V already in kv (`_pages`) -> [N, H, D]."""
+        meta = self.meta
+        grouped_heads = q.shape[1] != kv.shape[-2]
         if flash_usable(q.dtype, q.device, q.shape[-1], grouped_heads):
             if self.cache is None:
                 return _flash(q, kv[0, 0], kv[1, 0], None, None, meta)
@@ -184,6 +200,17 @@ class RaggedAttention:
         if self._groups is None:
             self._groups = _row_groups(meta, q.device)
         return _grouped(q, kv, self._groups)
+
+
+def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k, v [..., Hkv, D] written into the pages [P, S, Hkv, D] (views of any
+    strides) at slot_mapping [...] (page * S + offset): the K/V half of
+    `rope_write_kv`, for K/V rotated by the model itself."""
+    slots = slot_mapping.reshape(-1)
+    page, offset = slots // k_pages.shape[1], slots % k_pages.shape[1]
+    k_pages[page, offset] = k.reshape(-1, *k.shape[-2:])
+    v_pages[page, offset] = v.reshape(-1, *v.shape[-2:])
 
 
 # ---- flash (CUDA) -------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfastllm import ops
-from dfastllm.models.attention import Heads, rope_write_kv
+from dfastllm.models.attention import Heads, rope_write_kv, write_kv
 from dfastllm.ops.reference import add_rms_norm_reference, silu_mul_reference
 
 
@@ -122,9 +122,18 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, self.qkv_bias, self.rope_in_fp32) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(self.block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def block(self, config, i: int) -> nn.Module:
+        """Layer i (a family whose layers differ builds its own)."""
+        return Block(config, self.qkv_bias, self.rope_in_fp32)
+
+    @property
+    def rope_dims(self) -> int:
+        """How many of a head's dims RoPE rotates (all of them here)."""
+        return self.config.head_dim
 
     def forward(self, input_ids, position_ids, attn_mask=None, kv_cache=None, cache_positions=None):
         """A dense batch (training, the model tests, reference decoding):
@@ -144,7 +153,7 @@ class DiffusionTransformer(nn.Module):
         `attention` says which tokens attend to which (a `RaggedAttention`
         over `AttentionMetadata`). Returns unshifted hidden states [N, D] before the norm."""
         x = self.embed(input_ids)                                                # [N, D]
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # [N, D/2] fp32
+        cos, sin = rope_cos_sin(position_ids, self.rope_dims, self.config.rope_theta)  # [N, rope_dims/2] fp32
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, attention, i)
@@ -205,21 +214,42 @@ class DenseAttention:
 
     def __call__(self, layer: int, qkv, cos, sin, heads: Heads, *, plain_torch: bool = False):
         B, T = self.batch, self.length
-        if self.kv_cache is None:  # this step's K/V only: a cache of T positions per row
-            k = qkv.new_empty(B, heads.n_kv_heads, T, heads.head_dim)
-            v = qkv.new_empty(B, heads.n_kv_heads, T, heads.head_dim)
-        else:
-            k, v = self.kv_cache.k[layer], self.kv_cache.v[layer]                  # [B, Hkv, S, D]
-        if self._slots is None:
-            rows = k.shape[2] * torch.arange(B, device=qkv.device)[:, None]
-            positions = torch.arange(T, device=qkv.device) if self.cache_positions is None else self.cache_positions
-            self._slots = (rows + positions).contiguous()
+        k, v = self._cache(layer, qkv, heads.n_kv_heads, heads.head_dim)         # [B, Hkv, S, D]
         # q heads-first, so grouped_sdpa folds the grouped heads without a copy.
         q = qkv.new_empty(B, heads.n_heads, T, heads.head_dim)                    # [B, H, T, D]
         rope_write_kv(qkv.view(B, T, -1), cos.view(B, T, -1), sin.view(B, T, -1), k.transpose(1, 2),
-                      v.transpose(1, 2), self._slots, heads, plain_torch=plain_torch, q_out=q.transpose(1, 2))
+                      v.transpose(1, 2), self._token_slots(k), heads, plain_torch=plain_torch,
+                      q_out=q.transpose(1, 2))
+        return self._attend(q, k, v)
+
+    def attend_rotated(self, layer: int, q, k, v):
+        """For a model that normalises and rotates q and k itself (LLaDA2):
+        q [B*T, H, D], k, v [B*T, Hkv, D] -> [B*T, H, D]."""
+        B, T = self.batch, self.length
+        k_cache, v_cache = self._cache(layer, q, k.shape[1], k.shape[2])
+        write_kv(k_cache.transpose(1, 2), v_cache.transpose(1, 2), self._token_slots(k_cache), k, v)
+        return self._attend(q.view(B, T, *q.shape[1:]).transpose(1, 2), k_cache, v_cache)
+
+    def _cache(self, layer: int, like, n_kv_heads: int, head_dim: int):
+        """The layer's (k, v) [B, Hkv, S, D]: the dense cache, or without one this step's T positions."""
+        if self.kv_cache is None:
+            B, T = self.batch, self.length
+            return (like.new_empty(B, n_kv_heads, T, head_dim), like.new_empty(B, n_kv_heads, T, head_dim))
+        return self.kv_cache.k[layer], self.kv_cache.v[layer]
+
+    def _token_slots(self, k):
+        """[B, T] each token's slot in the cache seen as pages of S slots, row b's page b at its position."""
+        if self._slots is None:
+            rows = k.shape[2] * torch.arange(self.batch, device=k.device)[:, None]
+            positions = (torch.arange(self.length, device=k.device) if self.cache_positions is None
+                         else self.cache_positions)
+            self._slots = (rows + positions).contiguous()
+        return self._slots
+
+    def _attend(self, q, k, v):
+        """q [B, H, T, D] over k, v [B, Hkv, S, D] -> [B*T, H, D]."""
         y = grouped_sdpa(q, k, v, self.attn_mask)                                  # [B, H, T, D]
-        return y.transpose(1, 2).reshape(B * T, y.shape[1], y.shape[-1])
+        return y.transpose(1, 2).reshape(self.batch * self.length, y.shape[1], y.shape[-1])
 
 
 def grouped_mask(attn_mask, group: int):

@@ -1,4 +1,4 @@
-"""Load a LLaDA or Dream checkpoint (local directory or hub id) into our
+"""Load a LLaDA, Dream or LLaDA2 checkpoint (local directory or hub id) into our
 native modules: config.json -> family, tokenizer, safetensors weights checked
 name by name and shape by shape, then copied into a model built on the meta
 device and allocated on the target one (q|k|v and gate|up fused in place).
@@ -36,7 +36,7 @@ from dfastllm.checkpoints import (  # noqa: F401 (API)
     resolve_checkpoint,
     retry_with_backoff,
 )
-from dfastllm.models import dream, llada
+from dfastllm.models import dream, llada, llada2
 from dfastllm.models.fp8 import quantize_fp8
 from dfastllm.tokenizer import Tokenizer
 
@@ -49,20 +49,30 @@ READ_ATTEMPTS = 4  # tries at reading a local checkpoint while its I/O errors lo
 FAMILIES = {
     "llada": (llada.LLaDAConfig, llada.LLaDAModel, llada.checkpoint_names),
     "dream": (dream.DreamConfig, dream.DreamModel, dream.checkpoint_names),
+    "llada2": (llada2.LLaDA2Config, llada2.LLaDA2Model, llada2.checkpoint_names),
+}
+
+# Mask and EOS ids of a family whose released config.json omits them and
+# whose published generate() hard-codes them: the last resort after
+# config.json and the tokenizer.
+FAMILY_DEFAULT_IDS = {
+    "llada2": {"mask_token_id": llada2.DEFAULT_MASK_TOKEN_ID, "eos_token_id": llada2.DEFAULT_EOS_TOKEN_ID},
 }
 
 
 @dataclasses.dataclass
 class LoadedModel:
     model: torch.nn.Module
-    config: llada.LLaDAConfig | dream.DreamConfig
+    config: llada.LLaDAConfig | dream.DreamConfig | llada2.LLaDA2Config
     tokenizer: Tokenizer
-    family: str  # "llada" | "dream"
+    family: str  # "llada" | "dream" | "llada2"
     mask_token_id: int
     eos_token_id: int
     eot_token_id: int | None
     pad_token_id: int
     path: str  # the local checkpoint directory
+    # generation_config.json when the checkpoint has one (decoding defaults, e.g. LLaDA2.1's).
+    generation_config: dict = dataclasses.field(default_factory=dict)
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
@@ -97,6 +107,9 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, quantizat
         raise ValueError(f"{config_path}: unknown model_type {model_type!r} "
                          f"(supported: {', '.join(MODEL_FAMILIES)})")
     family = MODEL_FAMILIES[model_type]
+    if quantization == "fp8" and family == "llada2":
+        raise ValueError("quantization fp8 is not supported for LLaDA2: its routed experts are stacked "
+                         "parameters multiplied by grouped GEMMs, which have no fp8 path")
     config_cls, model_cls, checkpoint_names = FAMILIES[family]
     try:
         config = config_cls.from_hf_config(hf_config)
@@ -105,7 +118,7 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, quantizat
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
     tokenizer = Tokenizer.from_pretrained(directory)
-    ids = _special_ids(hf_config, tokenizer, config_path, config.vocab_size)
+    ids = _special_ids(hf_config, tokenizer, config_path, config.vocab_size, FAMILY_DEFAULT_IDS.get(family, {}))
 
     with torch.device("meta"):
         model = model_cls(config)
@@ -113,7 +126,7 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, quantizat
     # the fused q|k|v and gate|up matrices take their checkpoint parts in
     # place, with no second copy of a layer (so not load_state_dict).
     model = model.to(dtype).to_empty(device=device)
-    targets = model.checkpoint_parameters()  # our name (parts of fused matrices too) -> tensor
+    targets = model.checkpoint_parameters()  # our name (parts of fused and stacked tensors too) -> tensor
     names = checkpoint_names(config)  # checkpoint name -> ours
     files = _weight_files(directory)
     _check_tensors(files, {ckpt: tuple(targets[ours].shape) for ckpt, ours in names.items()}, directory)
@@ -122,14 +135,16 @@ def _load_directory(directory: str, device, dtype: torch.dtype | None, quantizat
     model.eval().requires_grad_(False)
     if quantization == "fp8":
         quantize_fp8(model)
+    generation_path = os.path.join(directory, "generation_config.json")
+    generation_config = _read_json(generation_path) if os.path.isfile(generation_path) else {}
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, family=family,
-                       path=directory, **ids)
+                       path=directory, generation_config=generation_config, **ids)
 
 
 def _read_weights(files: dict[str, dict[str, tuple]], names: dict[str, str], targets: dict[str, torch.Tensor],
                   directory: str, progress_bar: bool) -> None:
     """Every tensor of `files` copied into `targets` under our names (the
-    fused matrices' row views among them), straight onto the device one
+    fused matrices' row views and the stacked experts' slices among them), straight onto the device one
     tensor at a time (no host copy of the model), its progress logged."""
     device = next(iter(targets.values())).device
     sizes = {file: os.path.getsize(file) for file in files}
@@ -165,20 +180,35 @@ def _progress_bar(total_bytes: int):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def _special_ids(hf_config: dict, tokenizer: Tokenizer, config_path: str, vocab_size: int) -> dict:
+def _special_id(name: str, hf_config: dict, tokenizer_id: int | None, defaults: dict, config_path: str):
+    """-> (id, source) from config.json, else the tokenizer, else the family's default."""
+    value = hf_config.get(name)
+    if isinstance(value, list):  # some configs list several EOS ids; the first is the end of text
+        value = value[0]
+    if value is not None:
+        return value, "config.json"
+    if tokenizer_id is not None:
+        return tokenizer_id, "the tokenizer"
+    if name in defaults:
+        return defaults[name], "the family's default"
+    what = name.removesuffix("_token_id")
+    raise ValueError(f"{config_path}: no {name} and the tokenizer names no {what} token")
+
+
+def _special_ids(hf_config: dict, tokenizer: Tokenizer, config_path: str, vocab_size: int,
+                 defaults: dict | None = None) -> dict:
     """Mask and EOS from config.json (the model's own record), falling back to
-    the tokenizer; end-of-turn (<|eot_id|>, <|im_end|>) from the tokenizer."""
-    mask = hf_config.get("mask_token_id", tokenizer.mask_token_id)
-    if mask is None:
-        raise ValueError(f"{config_path}: no mask_token_id and the tokenizer names no mask token")
+    the tokenizer, then to the family's `defaults` (LLaDA2's released config
+    has neither); end-of-turn (<|eot_id|>, <|im_end|>, <|role_end|>) from the tokenizer."""
+    defaults = defaults or {}
+    mask, mask_source = _special_id("mask_token_id", hf_config, tokenizer.mask_token_id, defaults, config_path)
     if tokenizer.mask_token_id is not None and tokenizer.mask_token_id != mask:
         raise ValueError(f"{config_path}: mask_token_id {mask} but the tokenizer's mask token "
                          f"is id {tokenizer.mask_token_id}")
-    eos = hf_config.get("eos_token_id", tokenizer.eos_token_id)
-    if isinstance(eos, list):  # some configs list several; the first is the end of text
-        eos = eos[0]
-    if eos is None:
-        raise ValueError(f"{config_path}: no eos_token_id and the tokenizer names no eos token")
+    eos, eos_source = _special_id("eos_token_id", hf_config, tokenizer.eos_token_id, defaults, config_path)
+    if defaults:
+        logger.info("%s: mask token id %d from %s, EOS id %d from %s",
+                    config_path, mask, mask_source, eos, eos_source)
     pad = hf_config.get("pad_token_id")
     ids = dict(mask_token_id=mask, eos_token_id=eos, eot_token_id=tokenizer.eot_token_id,
                pad_token_id=eos if pad is None else pad)

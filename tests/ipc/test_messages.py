@@ -55,6 +55,8 @@ def test_codec_carries_every_sampling_params_field():
     SamplingParams(max_tokens=4096, remasking=Remasking.ENTROPY, stop_token_ids=tuple(range(300))),
     SamplingParams(max_tokens=64, top_k=40, alg=DreamAlg.TOPK_MARGIN, alg_temp=0.25, eps=0.01, temperature=0.2),
     SamplingParams(alg="maskgit_plus", alg_temp=0.0, threshold=0.9),  # zeros that are given, not omitted
+    SamplingParams(editing_threshold=0.0, max_post_steps=0),  # LLaDA2's fields: 0 stays 0
+    SamplingParams(top_k=50, editing_threshold=0.9, max_post_steps=16),
 ])
 def test_submit_params_round_trip(params):
     msg = Submit("x", 0, [], params)

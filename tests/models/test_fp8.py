@@ -1,6 +1,6 @@
 """FP8 weights: the e4m3 projection against the full-precision one, the
 loader's conversion (what becomes e4m3 and what stays), the engine running
-on it, and the refusal where torch._scaled_mm cannot run."""
+on it, and the refusals (where torch._scaled_mm cannot run, and LLaDA2)."""
 
 import pytest
 import torch
@@ -76,3 +76,10 @@ def test_the_quantization_setting_reaches_the_loader(llada_dir):
     assert isinstance(LLM(llada_dir).loaded.model.layers[0].mlp.w_down, torch.nn.Linear)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(llada_dir, quantization="int4")
+
+
+def test_llada2_refuses_fp8(llada2_dir):
+    """LLaDA2's routed experts (most of its weights) are stacked parameters
+    multiplied by grouped GEMMs with no fp8 path: refused, not half-converted."""
+    with pytest.raises(ValueError, match="not supported for LLaDA2"):
+        load_model(llada2_dir, quantization="fp8")

@@ -81,6 +81,8 @@ REFUSED = {
     "remasking unknown": (completion(remasking="margin"), 400, "invalid_value"),
     "threshold zero": (completion(threshold=0), 400, "invalid_value"),
     "threshold over 1": (completion(threshold=1.5), 400, "invalid_value"),
+    "editing_threshold over 1": (completion(editing_threshold=1.5), 400, "invalid_value"),
+    "max_post_steps negative": (completion(max_post_steps=-1), 400, "invalid_value"),
     # unknown fields, fields we cannot honour
     "unknown field": (completion(frobnicate=1), 400, "unknown_parameter"),
     "logprobs set": (completion(logprobs=2), 400, "unsupported_value"),
