@@ -43,6 +43,7 @@ its client); `engine_generate` is the in-process one used here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import random
@@ -124,9 +125,13 @@ def engine_generate(core: EngineCore, step_log: list) -> Generate:
     return generate
 
 
-def synthetic_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """A LLaDA-format model with random weights, built directly on the device."""
+def synthetic_model(shape: str, device: torch.device, dtype: torch.dtype, n_layers: int | None = None
+                    ) -> LoadedModel:
+    """A LLaDA-format model with random weights, built directly on the device
+    (n_layers: fewer layers of the shape, for a measure per layer)."""
     config = LLaDAConfig(**SHAPES[shape])
+    if n_layers is not None:
+        config = dataclasses.replace(config, n_layers=n_layers)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # benchmarks/ (engine.py's shapes)
-from engine import SHAPES  # noqa: E402
+from engine import synthetic_model  # noqa: E402
 
 from dfastllm.models.fp8 import quantize_fp8  # noqa: E402
-from dfastllm.models.llada import LLaDAConfig, LLaDAModel  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,15 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    config = dataclasses.replace(LLaDAConfig(**SHAPES["llada-8b"]), n_layers=args.layers)
+    model = synthetic_model("llada-8b", torch.device(args.device), torch.bfloat16, n_layers=args.layers).model
+    config = model.config
     with torch.device(args.device):
-        model = LLaDAModel(config).to(torch.bfloat16).eval().requires_grad_(False)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name == "embed.weight":
-                    p.normal_(0.0, 0.5)
         fp8 = quantize_fp8(copy.deepcopy(model))
         ids = torch.randint(0, config.vocab_size, (1, args.tokens))
         positions = torch.arange(args.tokens)[None]

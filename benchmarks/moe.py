@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from dfastllm.models.moe import MoE, RouterConfig, grouped_experts, per_expert_reference
+from dfastllm.models.moe import MoE, RouterConfig, per_expert_reference
 
 MINI = dict(d_model=2048, expert_hidden=512, n_shared=1,
             router=RouterConfig(num_experts=256, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5))

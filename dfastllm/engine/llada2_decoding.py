@@ -202,26 +202,8 @@ class LLaDA2Request(Request):
         # A step that also computes finished blocks (the prompt's, or the block
         # just ended) is not the steady one-block shape (no CUDA graph).
         self.needs_full_forward = self.cached_until < self.block_start
+        # 2.0: a committed cell never changes; 2.1: only ended blocks are final.
         return self._emit(final_end=self.block_start - self.prompt_len if self.editing else None), committed
-
-    def _emit(self, final_end: int | None) -> list[int]:
-        """The newly final answer tokens: the committed prefix (2.0: a committed
-        cell never changes), or every cell of the ended blocks (2.1). Stops at
-        a stop id; sets finish_reason."""
-        start = end = self.emitted
-        limit = self.gen_len if final_end is None else min(final_end, self.gen_len)
-        while end < limit and self.generated[end] != self.mask_id:
-            end += 1
-        new = self.generated[start:end].tolist()
-        for i, token in enumerate(new):
-            if token in self.stop_ids:
-                self.emitted = start + i
-                self.finish_reason = "stop"
-                return new[:i]
-        self.emitted = end
-        if end == self.gen_len:
-            self.finish_reason = "length"
-        return new
 
 
 @dataclasses.dataclass

@@ -168,21 +168,26 @@ class Request:
             self.needs_full_forward = True
         elif self.whole_canvas and not self.threshold:
             self._plan_dream_step()
+        return self._emit(), int(committed.sum())
 
-        start = self.emitted
-        end = start
-        while end < self.gen_len and self.generated[end] != self.mask_id:
+    def _emit(self, final_end: int | None = None) -> list[int]:
+        """The newly final answer tokens: the committed prefix of the answer
+        (up to `final_end` where cells before it may still change otherwise).
+        Stops at a stop id; sets finish_reason."""
+        start = end = self.emitted
+        limit = self.gen_len if final_end is None else min(final_end, self.gen_len)
+        while end < limit and self.generated[end] != self.mask_id:
             end += 1
         new = self.generated[start:end].tolist()
         for i, token in enumerate(new):
             if token in self.stop_ids:
                 self.emitted = start + i
                 self.finish_reason = "stop"
-                return new[:i], int(committed.sum())
+                return new[:i]
         self.emitted = end
         if end == self.gen_len:
             self.finish_reason = "length"
-        return new, int(committed.sum())
+        return new
 
     def output(self, new_token_ids: list[int], finish_reason: str | None = None,
                error: str | None = None) -> RequestOutput:

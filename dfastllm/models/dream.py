@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from dfastllm.models.layers import DiffusionTransformer, expand_checkpoint_names
+from dfastllm.models.layers import DiffusionTransformer, HFConfigNames, expand_checkpoint_names
 
 
 @dataclasses.dataclass
-class DreamConfig:
+class DreamConfig(HFConfigNames):
     # Field names as the checkpoint's config.json spells them (Qwen2).
     hidden_size: int
     intermediate_size: int
@@ -47,30 +47,9 @@ class DreamConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         self.head_dim = self.hidden_size // self.num_attention_heads
 
-    # The names every model config exposes (see dfastllm.models).
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
     @property
     def mlp_hidden(self) -> int:
         return self.intermediate_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.max_position_embeddings
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> DreamConfig:

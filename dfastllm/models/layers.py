@@ -46,6 +46,31 @@ def plain_torch(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(x.device.type)
 
 
+class HFConfigNames:
+    """The names every model config exposes (see dfastllm.models), for a
+    config dataclass that keeps the Hugging Face field names."""
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_position_embeddings
+
+
 class RMSNorm(nn.Module):
     """Normalises in fp32 and multiplies by the weight after casting back, as
     both reference implementations do; fused with the residual add before it."""

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from dfastllm.models.layers import DiffusionTransformer, RMSNorm, SwiGLU
+from dfastllm.models.layers import DiffusionTransformer, HFConfigNames, RMSNorm, SwiGLU
 from dfastllm.models.moe import MoE, RouterConfig
 
 # The released tokenizer's ids, which the published generate() hard-codes;
@@ -38,7 +38,7 @@ DEFAULT_EOS_TOKEN_ID = 156892
 
 
 @dataclasses.dataclass
-class LLaDA2Config:
+class LLaDA2Config(HFConfigNames):
     # Field names as the checkpoint's config.json spells them.
     hidden_size: int
     intermediate_size: int  # the dense layers' SwiGLU width
@@ -83,27 +83,6 @@ class LLaDA2Config:
             if not 1 <= self.num_experts_per_tok <= self.topk_group * (E // G):
                 raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
                                  f"[1, {self.topk_group * (E // G)}] (the experts of the kept groups)")
-
-    # The names every model config exposes (see dfastllm.models).
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.max_position_embeddings
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts is not None and i >= self.first_k_dense_replace

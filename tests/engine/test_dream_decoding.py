@@ -14,7 +14,6 @@ One rule is added, as the engine has it: the mask token is never proposed
 (the public code can commit it on a random checkpoint and then stall).
 """
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ equality with "none" in general: its predictions still move with the
 context, which the cached K/V of the prompt do not follow within a block.
 """
 
-import numpy as np
 import pytest
 import torch
 
