@@ -112,7 +112,7 @@ SamplingGroup = tuple[Remasking, bool]
 @dataclasses.dataclass
 class SamplingInputs:
     """One step's sampling and commit inputs, on the device; per candidate
-    unless noted (N candidates of B requests)."""
+    unless noted (N candidates; R canvas rows, stepped or not)."""
     temperature: torch.Tensor  # [N] float32
     seed: torch.Tensor  # [N] int64
     rng_offset: torch.Tensor  # [N] int64, unique per (request step, position)
@@ -121,8 +121,8 @@ class SamplingInputs:
     top_p: torch.Tensor | None  # [F] float32
     top_k: torch.Tensor | None  # [F] int64, 0 = all
     groups: dict[SamplingGroup, torch.Tensor | None]  # kernel call -> its candidates (None: all)
-    commit_k: torch.Tensor  # [B] int32 (top-k mode)
-    threshold: torch.Tensor  # [B] float32 (> 0: threshold mode)
+    commit_k: torch.Tensor  # [R] int32 (top-k mode)
+    threshold: torch.Tensor  # [R] float32 (> 0: threshold mode)
 
 
 class SamplingPlan:
