@@ -134,7 +134,10 @@ def test_serve_without_a_network_logs_one_line_per_attempt_then_exits_non_zero(t
     attempts = [r["message"] for r in records if "from the hub failed (attempt" in r.get("message", "")]
     assert attempts and all("some-org/some-model" in m and "retrying in" in m for m in attempts)
     giving_up = [r for r in records if r.get("role") == "supervisor" and r.get("level") == "error"]
-    assert giving_up and "some-org/some-model" in giving_up[0]["message"], server.log_tail()
+    # Whichever side gives up first (the engine after --load-retries, or the
+    # HTTP workers, which resolve the same checkpoint for its tokenizer), the
+    # supervisor's own error names the model.
+    assert any("some-org/some-model" in r["message"] for r in giving_up), server.log_tail()
     assert server.segments() == []
 
 
