@@ -67,6 +67,10 @@ DEFAULT_EPS = 1e-3  # Dream's schedule floor (DreamGenerationConfig.eps)
 # canvas when a request omits block_length (the HTTP workers leave
 # block_length unset for them; the engine decides by it).
 WHOLE_CANVAS_FAMILIES = frozenset({"dream"})
+# Families whose default block_length, when a request omits it, is their
+# own (Dream: the whole canvas; LLaDA2: its generation_config.json), not
+# the server's --default-block-length.
+OWN_BLOCK_DEFAULT_FAMILIES = WHOLE_CANVAS_FAMILIES | {"llada2"}
 # LLaDA2's own request fields (LLaDA2.1's token editing), and their bound.
 LLADA2_FIELDS = ("editing_threshold", "max_post_steps")
 MAX_POST_STEPS = 1024

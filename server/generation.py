@@ -25,7 +25,7 @@ from dfastllm import tracing
 from dfastllm.engine.client import ErrorEvent, FinishedEvent, TokensEvent
 from dfastllm.ipc.control import EngineState
 from dfastllm.ipc.messages import choice_id
-from dfastllm.sampling_params import WHOLE_CANVAS_FAMILIES, SamplingParams
+from dfastllm.sampling_params import OWN_BLOCK_DEFAULT_FAMILIES, SamplingParams
 from server.errors import InternalError, InvalidRequest, ShuttingDown, Unavailable
 from server.streaming import ChoiceText
 
@@ -304,10 +304,9 @@ def sampling_params(state, request, prompt_tokens: int) -> SamplingParams:
     # asked for (or the default); they only shrink here when the default was clipped.
     steps = request.steps or math.ceil(max_tokens * config.default_steps_per_token)
     # An omitted block_length is the server's default, except for a family
-    # whose own algorithm then decodes the whole canvas (Dream).
+    # with its own (Dream's whole canvas, LLaDA2's generation config).
     block_length = request.block_length
-    # (LLaDA2: the checkpoint's generation_config.json has the default.)
-    if block_length is None and state.model.family not in WHOLE_CANVAS_FAMILIES | {"llada2"}:
+    if block_length is None and state.model.family not in OWN_BLOCK_DEFAULT_FAMILIES:
         block_length = config.default_block_length
     params = SamplingParams(
         max_tokens=max_tokens,

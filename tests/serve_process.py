@@ -43,20 +43,22 @@ def free_port() -> int:
 class ServeProcess:
     """`dfastllm serve --model model_dir *args` (no --model: the embedded
     default model), output in `log_path`. The environment is the test's
-    without DFASTLLM_* settings, plus `env`."""
+    without DFASTLLM_* settings, plus `env`. `launcher`: the command that
+    stands for `dfastllm` (default `python -m dfastllm.cli`); `cwd`: the
+    folder it starts in."""
 
     def __init__(self, model_dir: str | None, log_path: str, *args: str, port: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None, cwd=None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = str(log_path)
         model = ["--model", model_dir] if model_dir else []
-        argv = [sys.executable, "-m", "dfastllm.cli", "serve", *model, "--port", str(self.port),
+        argv = [*(launcher or [sys.executable, "-m", "dfastllm.cli"]), "serve", *model, "--port", str(self.port),
                 "--log-format", "text", *args]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("DFASTLLM_")}
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**environment, **(env or {})})
+                                        env={**environment, **(env or {})}, cwd=cwd)
         self.segment_prefix = f"dfastllm-{self.process.pid}-"
 
     def readiness(self) -> int | None:
@@ -126,10 +128,10 @@ class ServeProcess:
 
 @contextlib.contextmanager
 def serving(model_dir: str | None, log_path: str, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 150):
-    """A ready `ServeProcess(model_dir, log_path, *args)`, stopped on leaving;
-    a server that does not then exit 0 fails the test."""
-    serve = ServeProcess(model_dir, log_path, *args, env=env)
+            timeout: float = 150, **process):
+    """A ready `ServeProcess(model_dir, log_path, *args, **process)`, stopped
+    on leaving; a server that does not then exit 0 fails the test."""
+    serve = ServeProcess(model_dir, log_path, *args, env=env, **process)
     try:
         serve.wait_ready(timeout)
         yield serve

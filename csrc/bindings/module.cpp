@@ -67,6 +67,10 @@ Device parse_device(const std::string& device, int device_index, const char* op)
 
 size_t dtype_size(int dtype) { return dtype == int(DType::kFloat32) ? 4 : 2; }
 
+void require_dtype(int dtype, const char* op) {
+  require(dtype >= 0 && dtype <= 2, op, "dtype", "must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", dtype);
+}
+
 void sample_tokens(const std::string& device, int device_index, uintptr_t logits, int dtype,
                    int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t temperature,
                    double temperature_scalar, uintptr_t seed, int64_t seed_scalar, uintptr_t offset,
@@ -75,7 +79,7 @@ void sample_tokens(const std::string& device, int device_index, uintptr_t logits
                    uintptr_t confidence, int num_threads, uintptr_t stream) {
   constexpr const char* op = "sample_tokens";
   const Device dev = parse_device(device, device_index, op);
-  require(dtype >= 0 && dtype <= 2, op, "dtype", "must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", dtype);
+  require_dtype(dtype, op);
   require(n_rows >= 0, op, "n_rows", "must be >= 0, got ", n_rows);
   require(vocab > 0, op, "vocab", "must be > 0, got ", vocab);
   // Rows may overlap (stride 0 broadcasts one row): the kernel only reads them.
@@ -178,10 +182,6 @@ void commit_tokens(const std::string& device, int device_index, uintptr_t canvas
 }
 
 // ---- transformer-layer kernels (layer_params.h) ----------------------------
-
-void require_dtype(int dtype, const char* op) {
-  require(dtype >= 0 && dtype <= 2, op, "dtype", "must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", dtype);
-}
 
 void add_rms_norm(const std::string& device, int device_index, uintptr_t x, int64_t x_stride,
                   uintptr_t residual, int64_t residual_stride, uintptr_t weight, uintptr_t out,

@@ -45,7 +45,6 @@ from dfastllm.models.attention import AttentionMetadata
 
 @dataclasses.dataclass
 class StepBatch:
-    rows: int  # rows stepped (padding excluded)
     input_ids: torch.Tensor  # [N] long, the rows' query tokens packed
     position_ids: torch.Tensor  # [N] long
     attn: AttentionMetadata
@@ -156,7 +155,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
         slot_mapping=slot_mapping_t, page_size=page_size,
         host_seqlens_q=attn_q_len.tolist(), host_seqlens_k=seqlens_k[:n_attn].tolist(), host_pages=pages)
     return StepBatch(
-        rows=n_rows, input_ids=canvas.view(-1).index_select(0, canvas_index_t), position_ids=positions_t,
+        input_ids=canvas.view(-1).index_select(0, canvas_index_t), position_ids=positions_t,
         attn=attn, query_tokens=n_tokens, full_rows=int(sum(r.needs_full_forward or not cached for r in requests)),
         hidden_index=hidden_index_t, cand_rows=cand_rows_t, cand_positions=cand_pos_t,
         cand_offsets=offsets_t.to(torch.int32),

@@ -177,16 +177,6 @@ class EngineCore:
         conflict = params.family_conflict(self.loaded.family)
         if conflict is not None:
             raise ValueError(conflict[1])
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                             f"exceeds max_model_len {self.max_model_len}")
-        if total > self.scheduler.max_num_batched_tokens:
-            raise ValueError(f"prompt + max_tokens = {total} exceeds max_num_batched_tokens "
-                             f"{self.scheduler.max_num_batched_tokens}, so its full steps could never run")
-        if self.pool is not None and self.pool.pages_for(total) > self.pool.capacity:
-            raise ValueError(f"prompt + max_tokens = {total} needs {self.pool.pages_for(total)} KV pages; the pool "
-                             f"holds {self.pool.capacity} (raise kv_cache_memory), so it could never run")
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
@@ -199,11 +189,19 @@ class EngineCore:
         else:
             request = llada2_decoding.LLaDA2Request(request_id, prompt_ids, params, defaults=self.llada2_defaults,
                                                     **common)
-            limit = min(self.max_model_len, self.scheduler.max_num_batched_tokens, self.pool.capacity * self.pool.page_size)
-            if request.canvas_len > limit:
-                raise ValueError(f"prompt + max_tokens rounded up to whole blocks of {request.attention_block} is "
-                                 f"{request.canvas_len} tokens, over max_model_len {self.max_model_len}, "
-                                 f"max_num_batched_tokens or the KV pool")
+        # The canvas: prompt + max_tokens (LLaDA2: rounded up to whole blocks).
+        total = request.canvas_len
+        size = f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens})"
+        if total != len(prompt_ids) + params.max_tokens:
+            size += f" in whole blocks of {request.attention_block}"
+        if total > self.max_model_len:
+            raise ValueError(f"{size} = {total} exceeds max_model_len {self.max_model_len}")
+        if total > self.scheduler.max_num_batched_tokens:
+            raise ValueError(f"{size} = {total} exceeds max_num_batched_tokens "
+                             f"{self.scheduler.max_num_batched_tokens}, so its full steps could never run")
+        if self.pool is not None and self.pool.pages_for(total) > self.pool.capacity:
+            raise ValueError(f"{size} = {total} needs {self.pool.pages_for(total)} KV pages; the pool "
+                             f"holds {self.pool.capacity} (raise kv_cache_memory), so it could never run")
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:

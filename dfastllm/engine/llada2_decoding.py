@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from dfastllm import ops
+from dfastllm.engine.batch import _upload
 from dfastllm.engine.request import Request
 from dfastllm.engine.sampler import num_transfer_tokens
 from dfastllm.sampling_params import DEFAULT_BLOCK_LENGTH, SamplingParams
@@ -211,12 +212,14 @@ class LLaDA2Step:
     """The per-step inputs only LLaDA2 rows need, beside the StepBatch's."""
     commit_k: torch.Tensor  # [canvas rows] long: the step's share (at least this many commit)
     editing_threshold: torch.Tensor  # [canvas rows] float32; +inf where a row does not edit
-    top_k: torch.Tensor  # [n] long per candidate, 0 = off
-    top_p: torch.Tensor  # [n] float32 per candidate
+    top_k: torch.Tensor | None  # [n] long per candidate, 0 = off; None when no request asks for it
+    top_p: torch.Tensor | None  # [n] float32 per candidate; None when no request asks for it
 
 
 def step_inputs(requests: list[LLaDA2Request], counts: list[int], canvas_rows: int, device) -> LLaDA2Step:
-    """requests in the StepBatch's order, counts their candidates."""
+    """requests in the StepBatch's order, counts their candidates. One upload
+    (pinned, asynchronous on CUDA); the filters a step does not use are
+    decided here, on the host, so the step neither sorts for them nor syncs."""
     slots = [r.slot for r in requests]
     commit_k = np.zeros(canvas_rows, dtype=np.float32)
     editing = np.full(canvas_rows, np.inf, dtype=np.float32)
@@ -224,13 +227,14 @@ def step_inputs(requests: list[LLaDA2Request], counts: list[int], canvas_rows: i
     editing[slots] = [r.editing_threshold if r.editing else np.inf for r in requests]
     top_k = np.repeat(np.array([r.params.top_k or 0 for r in requests], dtype=np.float32), counts)
     top_p = np.repeat(np.array([r.params.top_p for r in requests], dtype=np.float32), counts)
-    packed = torch.from_numpy(np.concatenate([commit_k, editing, top_k, top_p])).to(device)
-    commit_k_t, editing_t, top_k_t, top_p_t = packed.split([canvas_rows, canvas_rows, top_k.size, top_p.size])
-    return LLaDA2Step(commit_k=commit_k_t.long(), editing_threshold=editing_t, top_k=top_k_t.long(), top_p=top_p_t)
+    commit_k_t, editing_t, top_k_t, top_p_t = _upload([commit_k, editing, top_k, top_p], np.float32, device)
+    return LLaDA2Step(commit_k=commit_k_t.long(), editing_threshold=editing_t,
+                      top_k=top_k_t.long() if (top_k > 0).any() else None,
+                      top_p=top_p_t if (top_p < 1.0).any() else None)
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
-                  top_p: torch.Tensor) -> torch.Tensor:
+                  top_p: torch.Tensor | None) -> torch.Tensor:
     """The published order on rows with temperature > 0: logits / t, then top-k
     (keep the k largest and ties with the k-th), then top-p (drop a token when
     the mass of the tokens sorted before it exceeds p). Rows at temperature 0
@@ -242,8 +246,8 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         kth = scaled.sort(dim=-1, descending=True).values.gather(
             1, (top_k.clamp(1, scaled.shape[1]) - 1)[:, None])
         scaled = torch.where(use[:, None] & (scaled < kth), float("-inf"), scaled)
-    use = sampled & (top_p < 1.0)
-    if use.any():
+    if top_p is not None:
+        use = sampled & (top_p < 1.0)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop_sorted = (probs.cumsum(-1) - probs) > top_p[:, None]
@@ -259,10 +263,9 @@ def sample_and_commit(head, hidden: torch.Tensor, batch, canvas: torch.Tensor, m
     s = batch.sampling
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.hidden_index)   # [n, D]
     logits = filter_logits(head(rows).float(), s.temperature, extra.top_k, extra.top_p)  # [n, V]
-    log_z = logits.logsumexp(-1)
-    proposal = logits.clone()
-    proposal[:, mask_id] = float("-inf")
-    tokens, _ = ops.sample_tokens(proposal, (s.temperature > 0).float(), seed=s.seed, offset=s.rng_offset)
+    log_z = logits.logsumexp(-1)  # the mask token's probability still counts in the confidence
+    logits[:, mask_id] = float("-inf")  # never proposed; a sampled token is never it, so its logit is unchanged
+    tokens, _ = ops.sample_tokens(logits, (s.temperature > 0).float(), seed=s.seed, offset=s.rng_offset)
     confidence = (logits.gather(1, tokens[:, None]).squeeze(1) - log_z).exp()        # [n]
     commit_cells(canvas, batch, tokens, confidence, mask_id, extra)
     return canvas[batch.cand_rows, batch.cand_positions]

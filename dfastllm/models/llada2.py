@@ -129,7 +129,8 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)  # [N, H|Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]                           # per head, over head_dim
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        c, s = (torch.cat([t, t], dim=-1)[:, None].to(q.dtype) for t in (cos, sin))  # [N, 1, rope_dim], once for q and k
+        q, k = apply_partial_rope(q, c, s), apply_partial_rope(k, c, s)
         y = attention.attend_rotated(layer, q, k, v)                              # [N, H, D]
         return self.wo(y.reshape(N, -1))
 
@@ -175,13 +176,11 @@ class LLaDA2Model(DiffusionTransformer):
         return views | dict(self.named_buffers())
 
 
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE on the first 2 * cos.shape[-1] dims of x [N, H, D] (cos/sin
-    fp32 [N, rope_dim/2], cast to x's dtype: the rotation runs in the model
-    dtype, as the published code); the rest pass through."""
-    half = cos.shape[-1]
-    c = torch.cat([cos, cos], dim=-1)[:, None].to(x.dtype)                     # [N, 1, rope_dim]
-    s = torch.cat([sin, sin], dim=-1)[:, None].to(x.dtype)
+def apply_partial_rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE on the first rope_dim dims of x [N, H, D], with c/s
+    [N, 1, rope_dim] (the half-angle tables twice, in x's dtype: the rotation
+    runs in the model dtype, as the published code); the rest pass through."""
+    half = c.shape[-1] // 2
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat([x[..., :2 * half] * c + torch.cat([-x2, x1], dim=-1) * s, rest], dim=-1)
 

@@ -39,13 +39,14 @@ class ApiKeyAuth:
 
     async def process_request(self, req, resp) -> None:
         req.context.key_id = None
-        if req.method == "OPTIONS" or req.path in self.public or not self.routed(req.path, req.method):
+        if req.method == "OPTIONS" or req.path in self.public:
             return
         admin = req.path == ADMIN_PREFIX or req.path.startswith(ADMIN_PREFIX + "/")
+        # Nothing to check (no keys): no route lookup on the request path either.
+        if not self.api_keys and not admin or not self.routed(req.path, req.method):
+            return
         if admin and not self.admin_keys:
             raise Forbidden("The admin API is off: no admin keys are configured.")
-        if not self.api_keys and not admin:
-            return
         key = _bearer(req.get_header("Authorization"))
         if key is None or not _matches(key, self.api_keys + self.admin_keys):
             raise Unauthorized("Invalid or missing API key; send it as 'Authorization: Bearer <key>'.")

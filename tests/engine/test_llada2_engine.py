@@ -213,5 +213,5 @@ def test_llada2_fields_are_refused_for_other_families(tmp_path):
 
 def test_canvas_rounded_to_blocks_must_fit(loaded):
     core = EngineCore(loaded, kv_cache="none", max_model_len=60)
-    with pytest.raises(ValueError, match="whole blocks of 32 is 64 tokens"):
+    with pytest.raises(ValueError, match="in whole blocks of 32 = 64 exceeds max_model_len 60"):
         core.add_request("a", prompt(20), SamplingParams(max_tokens=30))  # 50 tokens, 64 as blocks

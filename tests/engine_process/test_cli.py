@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-import dfastllm
+from dfastllm.supervisor import package_root
 from dfastllm.config import ServerConfig
 from dfastllm.lifetime import EXIT_CANNOT_START
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(dfastllm.__file__)))
+ROOT = package_root()
 
 
 def dfastllm_serve(*args: str, cwd=None, env=None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -5,15 +5,14 @@ killed outright."""
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import httpx
 import pytest
 
-import dfastllm
+from dfastllm.supervisor import package_root
 from dfastllm.ipc.control import pid_alive
-from serve_process import ServeProcess, children, cmdline, free_port, serving, wait_for
+from serve_process import ServeProcess, children, cmdline, serving, wait_for
 
 
 @pytest.mark.timeout(150)
@@ -78,7 +77,7 @@ def test_serve_from_a_source_tree_without_compiled_modules_runs_the_installed_pa
     """The README's `pip install . && dfastllm serve` typed in a checkout: the
     current folder holds dfastllm/ and server/ without their compiled modules.
     Every child must still import the supervisor's packages."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(dfastllm.__file__)))
+    root = package_root()
     checkout = tmp_path / "checkout"
     for package in ("dfastllm", "server"):
         shutil.copytree(os.path.join(root, package), checkout / package,
@@ -87,31 +86,11 @@ def test_serve_from_a_source_tree_without_compiled_modules_runs_the_installed_pa
     launcher = tmp_path / "bin" / "dfastllm"
     launcher.parent.mkdir()
     launcher.write_text("import sys\nfrom dfastllm.cli import main\nsys.exit(main())\n")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DFASTLLM_")}
-    with open(tmp_path / "serve.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, str(launcher), "serve", "--port", str(port), "--no-warmup",
-                                    "--log-format", "text"], cwd=checkout, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(base_url + "/health/ready", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_for(lambda: ready() or process.poll() is not None, 120) and ready(), \
-            (tmp_path / "serve.log").read_text()
-        engine = next(pid for pid in children(process.pid) if b"dfastllm.engine.process" in cmdline(pid))
-        assert os.readlink(f"/proc/{engine}/cwd") == root
+    with serving(None, str(tmp_path / "serve.log"), "--no-warmup", launcher=[sys.executable, str(launcher)],
+                 cwd=checkout) as serve:
+        assert os.readlink(f"/proc/{serve.engine_pid()}/cwd") == root
         body = {"model": "tiny-llada", "messages": [{"role": "user", "content": "Reverse the word lemon."}],
                 "temperature": 0}
-        answer = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+        answer = httpx.post(serve.base_url + "/v1/chat/completions", json=body, timeout=60)
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(60)
-    assert code == 0, (tmp_path / "serve.log").read_text()
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfastllm-{process.pid}-")]
+    assert not serve.segments()
