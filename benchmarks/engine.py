@@ -5,6 +5,7 @@
     python benchmarks/engine.py --model /path/to/checkpoint  # a real checkpoint directory
     ... --kv-cache none dual --batch-sizes 1 8 --prompt-len 64 --max-tokens 128 --json
     ... --cuda-graphs on off    # on a GPU: the cached modes with and without CUDA graphs
+    ... --prepare-ahead off on  # host time per step on the critical path, without and with preparing ahead
     python benchmarks/engine.py --shape d256 --arrivals together staggered   # issue 15's comparison
     python benchmarks/engine.py --shape d256 --load mixed --kv-cache dual none # 32 mixed-length requests
 
@@ -275,29 +276,33 @@ def through_process(args) -> int:
     return 0
 
 
-def make_engine(loaded, *, kv_cache: str, max_batch_size: int, max_tokens_per_step: int, cuda_graphs: bool
-                ) -> EngineCore:
+def make_engine(loaded, *, kv_cache: str, max_batch_size: int, max_tokens_per_step: int, cuda_graphs: bool,
+                prepare_ahead: bool = True) -> EngineCore:
     """An EngineCore with a step budget of max_tokens_per_step. An engine from
-    before issue 15 (no paged pool) calls its budget max_num_tokens; this
-    lets the same script measure both versions side by side."""
-    budget = ("max_num_batched_tokens" if "max_num_batched_tokens" in inspect.signature(EngineCore).parameters
-              else "max_num_tokens")
+    before issue 15 (no paged pool) calls its budget max_num_tokens, and one
+    before issue 16 always builds a step after the read; this lets the same
+    script measure those versions side by side."""
+    known = inspect.signature(EngineCore).parameters
+    budget = "max_num_batched_tokens" if "max_num_batched_tokens" in known else "max_num_tokens"
+    extra = {"prepare_ahead": prepare_ahead} if "prepare_ahead" in known else {}
     return EngineCore(loaded, kv_cache=kv_cache, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
-                      **{budget: max_tokens_per_step})
+                      **{budget: max_tokens_per_step}, **extra)
 
 
 def batch_sizes(args, loaded, special, report) -> None:
     device = next(loaded.model.parameters()).device
-    engines = [(kv, graphs == "on") for kv in args.kv_cache
-               for graphs in (args.cuda_graphs if kv != "none" and device.type == "cuda" else ["off"])]
-    for kv_cache, cuda_graphs in engines:
+    engines = [(kv, graphs == "on", ahead == "on") for kv in args.kv_cache
+               for graphs in (args.cuda_graphs if kv != "none" and device.type == "cuda" else ["off"])
+               for ahead in args.prepare_ahead]
+    for kv_cache, cuda_graphs, prepare_ahead in engines:
         core = make_engine(loaded, kv_cache=kv_cache, max_batch_size=max(args.batch_sizes),
                            max_tokens_per_step=max(args.batch_sizes) * (args.prompt_len + args.max_tokens),
-                           cuda_graphs=cuda_graphs)
+                           cuda_graphs=cuda_graphs, prepare_ahead=prepare_ahead)
         core.warmup(prompt_len=args.prompt_len, block_length=args.block_length,
                     batch_sizes=sorted(set(args.batch_sizes)))
         for batch_size in args.batch_sizes:
             step_log: list[tuple[float, bool]] = []
+            before = dataclasses.replace(core.stats)
             result = run_configuration(engine_generate(core, step_log), batch_size=batch_size,
                                        prompt_len=args.prompt_len, max_tokens=args.max_tokens,
                                        block_length=args.block_length, steps=args.steps,
@@ -307,13 +312,23 @@ def batch_sizes(args, loaded, special, report) -> None:
             result.update(kv_cache=kv_cache, cuda_graphs=core.graphs is not None,
                           full_step_ms=round(statistics.median(full) * 1e3, 3) if full else None,
                           block_step_ms=round(statistics.median(cached) * 1e3, 3) if cached else None)
+            if hasattr(core.stats, "critical_host_seconds"):
+                # Host time per step the device waits for (before the launch, after the read).
+                steps = core.stats.steps - before.steps
+                critical = core.stats.critical_host_seconds - before.critical_host_seconds
+                prepared = core.stats.steps_prepared_ahead - before.steps_prepared_ahead
+                result.update(prepare_ahead=prepare_ahead, critical_host_ms=round(critical / steps * 1e3, 3),
+                              prepared_share=round(prepared / steps, 3))
             if "weights_read_ms" in report and result["block_step_ms"]:
                 result["block_step_over_weights_read"] = round(result["block_step_ms"] / report["weights_read_ms"], 2)
             report["results"].append(result)
-            print(f"kv={kv_cache:<6} graphs={'on' if core.graphs else 'off':<3} batch={batch_size:<3} "
+            print(f"kv={kv_cache:<6} graphs={'on' if core.graphs else 'off':<3} "
+                  f"ahead={'on' if prepare_ahead else 'off':<3} batch={batch_size:<3} "
                   f"{result['tokens_per_s']:9.1f} tok/s "
                   f"{result['steps_per_s']:8.1f} steps/s  full step {result['full_step_ms']} ms  "
-                  f"cached block step {result['block_step_ms']} ms", file=sys.stderr)
+                  f"cached block step {result['block_step_ms']} ms  "
+                  f"host on the critical path {result.get('critical_host_ms')} ms/step "
+                  f"({result.get('prepared_share', 0):.0%} prepared ahead)", file=sys.stderr)
 
 
 # ---- arrivals over time: together vs staggered, mixed lengths under load -------
@@ -442,6 +457,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cuda-graphs", nargs="+", default=["on"], choices=("on", "off"),
                         help="cached modes on CUDA: with CUDA graphs, without, or both side by side")
+    parser.add_argument("--prepare-ahead", nargs="+", default=["on"], choices=("on", "off"),
+                        help="build the next step's inputs while the device runs this one (on off: both)")
     parser.add_argument("--arrivals", nargs="+", choices=("together", "staggered"),
                         help="requests added all at once, or one every --stagger-steps steps")
     parser.add_argument("--stagger-steps", type=int, default=5)

@@ -14,10 +14,20 @@ One step:
      cache): each row costs its own tokens (`batch.py`). On CUDA a step with
      no full row is a replayed CUDA graph (`cuda_graphs.py`);
   3. the output head on the candidates' hidden rows only, one sampling and
-     one commit kernel call, then one read of the candidates' cells;
+     one commit kernel call, then one read of the candidates' cells; while
+     the device runs them, the host prepares the next step's inputs (below);
   4. per request: advance its block, emit the newly final prefix, stop at
      EOS / end of turn / a stop id, or at max_tokens. A request that leaves
      gives its canvas row and pages back at once.
+
+Host work off the critical path: once a step's kernels are queued, the
+host builds the next step's inputs for the same rows, each as it will be if
+this step leaves it in its current block (`Request.predict_next_step`), and
+queues their upload behind this step's work. Only the read of the committed
+cells waits for the device. If the next step turns out to be that one (no
+row left, joined, finished its block or was skipped) it launches on those
+inputs at once; else they are dropped and built again. Either way the
+tokens are the same (tests/engine/test_prepare_ahead.py).
 
 A failure inside the step (out of memory, a kernel error) fails the requests
 of that step with finish_reason "error"; the engine keeps serving.
@@ -64,6 +74,12 @@ class EngineStats:
     last_step_query_tokens: int = 0  # tokens the step's forward computed (its rows' queries)
     last_step_tokens_committed: int = 0
     last_step_seconds: float = 0.0
+    # Steps that launched on inputs prepared while the step before them ran.
+    steps_prepared_ahead: int = 0
+    # Host time of the steps spent while the device waits (before the launch
+    # and after the read-back): what preparing ahead takes off it.
+    critical_host_seconds: float = 0.0
+    ahead_host_seconds: float = 0.0  # host time preparing next steps while the device ran
     # Prefix caching (LLaDA2): prompt tokens looked up in the cache, and found (whole pages).
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
@@ -78,7 +94,8 @@ class EngineCore:
     def __init__(self, loaded, *, kv_cache: str = "auto", max_batch_size: int = 32,
                  max_num_batched_tokens: int = 16384, kv_cache_memory: float = 0.9, page_size: int | None = None,
                  max_model_len: int | None = None, device: str | torch.device | None = None,
-                 seed: int | None = None, cuda_graphs: bool = True, prefix_caching: bool = True):
+                 seed: int | None = None, cuda_graphs: bool = True, prefix_caching: bool = True,
+                 prepare_ahead: bool = True):
         """`loaded` is a `dfastllm.models.LoadedModel` already on its device;
         kv_cache: "auto" is the family's default (dual for LLaDA2, none otherwise);
         max_num_batched_tokens: most query tokens one step computes;
@@ -89,7 +106,9 @@ class EngineCore:
         `seed` makes the seeds drawn for requests without one reproducible;
         `cuda_graphs`: replay cached steps' forwards as CUDA graphs (CUDA, dual/prefix);
         `prefix_caching`: requests share the cached pages of a common prompt
-        prefix (LLaDA2 with its block cache, whose K/V is exact; kv_cache.py)."""
+        prefix (LLaDA2 with its block cache, whose K/V is exact; kv_cache.py);
+        `prepare_ahead`: build the next step's inputs while this one runs
+        (off only to measure what it saves)."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
         if kv_cache == "auto":  # the family's default: only LLaDA2's block cache is exact
@@ -138,6 +157,8 @@ class EngineCore:
                        if cuda_graphs and kv_cache != "none" and graphs_supported(weight.dtype, self.device,
                                                                                       config, self.pool.page_size)
                        else None)
+        self.prepare_ahead = prepare_ahead
+        self._prepared: _PreparedStep | None = None
         self.stats = EngineStats()
         self._queue_times: list[float] = []
         self._seeds = random.Random(seed)
@@ -227,13 +248,16 @@ class EngineCore:
             if r.first_step_at is None:
                 r.first_step_at = now
                 self._queue_times.append(now - r.arrival)
+        prepared, self._prepared = self._prepared, None
         try:
             with torch.inference_mode():
                 graphed = self.graphs is not None and not any(r.needs_full_forward for r in running)
-                batch = build_step(running, self.canvas.canvas, cache_mode=self.kv_cache,
-                                   logits_shift=self.logits_shift,
-                                   page_size=self.pool.page_size if self.pool is not None else 0,
-                                   pad_to=self.graphs.bucket(running, self._query_tokens) if graphed else None)
+                if prepared is not None and prepared.fits(running):
+                    batch = prepared.batch
+                    self.stats.steps_prepared_ahead += 1
+                else:
+                    batch = self._build(running, graphed)
+                launched = time.perf_counter()
                 if graphed:
                     hidden = self.graphs.forward(batch)
                 else:
@@ -247,8 +271,15 @@ class EngineCore:
                                                         self.device)
                     cells = llada2_decoding.sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas,
                                                               self.mask_id, extra)
-                cells = cells.cpu().numpy()  # the step's one synchronisation
+                reading = _start_read(cells)  # queued before the next step's inputs, so they don't delay it
+                queued = time.perf_counter()
+                if self.prepare_ahead:
+                    self._prepared = self._prepare_next(running)
+                waited = time.perf_counter()
+                cells = reading()  # the step's one synchronisation
+                read = time.perf_counter()
         except Exception as e:  # noqa: BLE001 - any failure here is the step's, not the engine's
+            self._prepared = None
             return outputs + self._fail(running, e)
 
         committed_total = 0
@@ -274,6 +305,10 @@ class EngineCore:
         s.last_step_query_tokens = batch.query_tokens
         s.last_step_tokens_committed = committed_total
         s.last_step_seconds = time.perf_counter() - started
+        # On a GPU the device runs from the launch until the read completes;
+        # the host work it waits for is before the launch and after the read.
+        s.critical_host_seconds += (launched - started) + (time.perf_counter() - read)
+        s.ahead_host_seconds += waited - queued
         if self.prefix_caching:
             s.prefix_cache_queries = self.pool.prefix_queries * self.pool.page_size
             s.prefix_cache_hits = self.pool.prefix_hits * self.pool.page_size
@@ -314,6 +349,21 @@ class EngineCore:
         self._queue_times.clear()
 
     # ---- internals ----------------------------------------------------------
+    def _build(self, running: list[Request], graphed: bool):
+        return build_step(running, self.canvas.canvas, cache_mode=self.kv_cache, logits_shift=self.logits_shift,
+                          page_size=self.pool.page_size if self.pool is not None else 0,
+                          pad_to=self.graphs.bucket(running, self._query_tokens) if graphed else None)
+
+    def _prepare_next(self, running: list[Request]) -> _PreparedStep | None:
+        """The next step's inputs if every row of this one steps again as its
+        schedule says (queued behind this step's kernels, which commit the
+        tokens they read); None when some row's next step is not known yet."""
+        ahead = [r.predict_next_step() for r in running]
+        if any(a is None for a in ahead):
+            return None
+        graphed = self.graphs is not None and not any(a.needs_full_forward for a in ahead)
+        return _PreparedStep(running, ahead, self._build(ahead, graphed))
+
     def _expire(self, now: float) -> list[RequestOutput]:
         outputs = []
         for r in self.scheduler.expired(now):
@@ -346,3 +396,34 @@ class EngineCore:
             outputs.append(r.output([], "error", error=message))
         self.stats.requests_failed += len(requests)
         return outputs
+
+
+def _start_read(cells: torch.Tensor):
+    """Queue the copy of the committed cells to the host; -> a call that
+    waits for that copy alone (not for work queued after it) -> numpy."""
+    if cells.device.type != "cuda":
+        return cells.numpy
+    host = torch.empty(cells.shape, dtype=cells.dtype, pin_memory=True)
+    host.copy_(cells, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> np.ndarray:
+        copied.synchronize()
+        return host.numpy()
+    return wait
+
+
+@dataclasses.dataclass
+class _PreparedStep:
+    """Inputs built for the next step while the current one ran."""
+    requests: list[Request]  # the rows, as they were
+    ahead: list[Request]  # each as its next step was predicted to find it
+    batch: object  # StepBatch
+
+    def fits(self, running: list[Request]) -> bool:
+        """The step about to run is the predicted one: the same rows, in the
+        same canvas rows, each one step further in the predicted block."""
+        return len(running) == len(self.requests) and all(
+            r is p and r.slot == a.slot and r.block == a.block and r.num_steps == a.num_steps
+            and r.needs_full_forward == a.needs_full_forward for r, p, a in zip(running, self.requests, self.ahead))

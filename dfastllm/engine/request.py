@@ -8,6 +8,7 @@ prefix are all decided without touching the device again.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -111,9 +112,7 @@ class Request:
 
     def masked_positions(self) -> np.ndarray:
         """Canvas positions still masked in the current block (the candidates)."""
-        g0 = self.block_starts[self.block]
-        block = self.generated[g0:g0 + self.block_sizes[self.block]]
-        return np.flatnonzero(block == self.mask_id) + self.block_start
+        return np.flatnonzero(self._block_cells() == self.mask_id) + self.block_start
 
     def commit_count(self) -> int:
         """Top-k mode: tokens to commit at this step of the block."""
@@ -151,18 +150,51 @@ class Request:
         """Its first `pages` pages came from the prefix cache, K/V included."""
         assert pages == 0, "a bidirectional request shares no pages"
 
+    # ---- the step after the one in flight --------------------------------
+    def predict_next_step(self) -> Request | None:
+        """This request as its next step will find it, if the step in flight
+        goes as its schedule says: in top-k mode the block ends exactly when
+        its count takes the last masked cells; a threshold step takes at least
+        one, and is taken to leave the block going while more are masked.
+        None where the outcome decides more (the last block ends, Dream's
+        planned count, LLaDA2's rules).
+
+        What it cannot know is which cells the step in flight commits, so its
+        candidates in the same block are the cells masked now: a superset of
+        the next step's. The commit kernel only takes cells still masked on the
+        device and each candidate's draw depends on its own position alone, so
+        the extra candidates change no token; `apply_step` counts only new commits."""
+        if self.attention_block or (self.whole_canvas and not self.threshold):
+            return None
+        masked = int((self._block_cells() == self.mask_id).sum())
+        ends = masked <= (1 if self.threshold else self.commit_count())
+        if ends and self.block + 1 == len(self.block_starts):
+            return None
+        ahead = copy.copy(self)  # shares `generated`: read before this step's result lands
+        ahead.num_steps += 1
+        if ends:  # the next block's first step, over the whole canvas
+            ahead.block, ahead.block_step, ahead.needs_full_forward = self.block + 1, 0, True
+        else:
+            ahead.block_step, ahead.needs_full_forward = self.block_step + 1, False
+        return ahead
+
+    def _block_cells(self) -> np.ndarray:
+        g0 = self.block_starts[self.block]
+        return self.generated[g0:g0 + self.block_sizes[self.block]]
+
     # ---- after a step ------------------------------------------------------
     def apply_step(self, positions: np.ndarray, values: np.ndarray) -> tuple[list[int], int]:
-        """Record the canvas values read back at this step's candidate positions;
+        """Record the canvas values read back at this step's candidate positions
+        (a superset of the cells masked before it, for a step prepared ahead);
         -> (newly final tokens to report, tokens committed at this step).
         Sets finish_reason when the generation is over."""
-        committed = values != self.mask_id
+        before = self.generated[positions - self.prompt_len]
+        committed = (values != self.mask_id) & (before == self.mask_id)
         self.needs_full_forward = False
         self.generated[positions[committed] - self.prompt_len] = values[committed]
         self.num_steps += 1
         self.block_step += 1
-        g0 = self.block_starts[self.block]
-        if not (self.generated[g0:g0 + self.block_sizes[self.block]] == self.mask_id).any():
+        if not (self._block_cells() == self.mask_id).any():
             self.block += 1
             self.block_step = 0
             self.needs_full_forward = True

@@ -8,6 +8,8 @@ the model, canvas, cache and kernels on the GPU. Skipped without one;
   attention reading the pages in place) give the eager steps' tokens on the
   same bucket-padded inputs, across batch sizes, Dream's shift and new
   buckets captured mid-run;
+* steps prepared while the previous one runs (and replays) give the tokens
+  of steps built after the read-back;
 * the embedded tiny-llada gives the same tokens on CUDA as on the CPU (fp32),
   and in bf16 (the CUDA default) still answers the families it has learned.
 """
@@ -28,6 +30,7 @@ from dfastllm.testing import write_tiny_dream, write_tiny_llada
 from .conftest import prompt, run_all
 from .test_continuous_batching import assert_batched_equals_alone
 from .test_kv_cache import _mixed
+from .test_prepare_ahead import SCHEDULES, _drive
 from .test_reference_parity import assert_engine_matches_reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -90,6 +93,18 @@ def test_cuda_graphs_give_the_eager_tokens(bf16_models, family, kv_cache):
     (eager, _), (graphed, core) = run(False), run(True)
     assert core.graphs.captures >= 2 and not core.graphs.failed and core.kv_pages_used == 0
     assert graphed == eager and len(eager["late"]) == 24
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_prepared_steps_give_the_same_tokens_on_cuda(cuda_models, bf16_models, family):
+    """fp32 (eager) in every schedule, and bf16 with the cached steps replayed as graphs."""
+    runs = [(cuda_models, name, kv) for name in SCHEDULES for kv in ("none", "dual")]
+    runs.append((bf16_models, "greedy", "dual"))
+    for models, name, kv_cache in runs:
+        ahead = _drive(models[family], SCHEDULES[name], kv_cache=kv_cache, prepare_ahead=True)
+        plain = _drive(models[family], SCHEDULES[name], kv_cache=kv_cache, prepare_ahead=False)
+        assert ahead[:2] == plain[:2], (name, kv_cache)
+        assert ahead[2].steps_prepared_ahead > 0 and ahead[2].tokens_committed == plain[2].tokens_committed
 
 
 def _chat(llm: LLM, tasks) -> list:

@@ -1,0 +1,121 @@
+"""Preparing the next step's inputs while the current step runs (EngineCore,
+`prepare_ahead`) changes no token: every family's schedule, every cache mode,
+greedy, sampled and threshold decoding, with requests joining, finishing
+blocks at different steps and being cancelled between steps. A step
+prepared ahead lists as candidates the cells masked before the step in
+flight (a superset), so these tests also hold that extra candidates are
+never committed twice and never counted as new."""
+
+import pytest
+
+from dfastllm import SamplingParams
+from dfastllm.engine import EngineCore
+from dfastllm.models import load_model
+from dfastllm.testing import write_tiny_llada
+
+from .conftest import prompt
+
+# Blocks of 4 and 3 tokens end at different steps; one request's steps are
+# uneven (2 per block of 3: counts 2, 1), one commits a block per step.
+SCHEDULES = {
+    "greedy": [SamplingParams(max_tokens=12, block_length=4, steps=12, temperature=0.0, ignore_eos=True),
+               SamplingParams(max_tokens=9, block_length=3, steps=6, temperature=0.0, ignore_eos=True),
+               SamplingParams(max_tokens=8, block_length=4, steps=2, temperature=0.0, ignore_eos=True)],
+    "sampled": [SamplingParams(max_tokens=12, block_length=4, steps=12, temperature=0.9, top_p=0.9, seed=3,
+                               ignore_eos=True),
+                SamplingParams(max_tokens=9, block_length=3, steps=6, temperature=0.7, top_k=20, seed=4,
+                               ignore_eos=True),
+                SamplingParams(max_tokens=8, block_length=4, steps=4, temperature=1.0, seed=5, ignore_eos=True)],
+    # Threshold steps take as many cells as pass it: the engine predicts the
+    # block goes on, and drops what it prepared when the block ends sooner.
+    "threshold": [SamplingParams(max_tokens=12, block_length=4, threshold=0.05, temperature=0.0, ignore_eos=True),
+                  SamplingParams(max_tokens=9, block_length=3, threshold=0.5, temperature=0.0, ignore_eos=True),
+                  SamplingParams(max_tokens=8, block_length=8, threshold=0.2, temperature=0.6, seed=9,
+                                 ignore_eos=True),
+                  # No block_length: Dream decodes the whole canvas as one block.
+                  SamplingParams(max_tokens=10, threshold=0.1, temperature=0.0, ignore_eos=True)],
+}
+
+
+def _drive(loaded, schedule, *, kv_cache, prepare_ahead):
+    """Arrivals over several steps and a cancellation between steps; -> tokens per request, stats."""
+    arrivals = {0: ["a", "b"], 2: ["c", "x"], 3: ["d"], 4: ["e"]}
+    starts = {"a": 40, "b": 90, "c": 130, "x": 20, "d": 60, "e": 100}
+    lengths = {"a": 5, "b": 11, "c": 3, "x": 7, "d": 9, "e": 4}
+    core = EngineCore(loaded, kv_cache=kv_cache, max_batch_size=4, prepare_ahead=prepare_ahead)
+    tokens, finish = {}, {}
+    for step in range(400):
+        for i, rid in enumerate(arrivals.get(step, [])):
+            core.add_request(rid, prompt(lengths[rid], start=starts[rid]), schedule[(step + i) % len(schedule)])
+        if step == 3:  # "x" has run one step
+            assert core.abort("x")
+        for out in core.step():
+            assert out.finish_reason != "error", out.error
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            finish[out.request_id] = (out.finish_reason, out.num_generated_tokens, out.num_steps)
+        if step > 3 and not core.has_unfinished():
+            break
+    assert not core.has_unfinished()
+    return tokens, finish, core.stats
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_prepared_steps_give_the_same_tokens(family, schedule, request):
+    loaded = request.getfixturevalue(family)
+    for kv_cache in ("none", "prefix", "dual"):
+        ahead = _drive(loaded, SCHEDULES[schedule], kv_cache=kv_cache, prepare_ahead=True)
+        plain = _drive(loaded, SCHEDULES[schedule], kv_cache=kv_cache, prepare_ahead=False)
+        assert ahead[:2] == plain[:2], kv_cache
+        assert plain[2].steps_prepared_ahead == 0
+        # In top-k mode most steps ran on inputs prepared ahead (not the first,
+        # nor those after a join, an abort or a finish); threshold steps only
+        # where no block ended sooner than predicted.
+        least = 1 if schedule == "threshold" else ahead[2].steps // 2
+        assert ahead[2].steps_prepared_ahead >= least, (kv_cache, ahead[2].steps_prepared_ahead, ahead[2].steps)
+        # Every generated cell was counted once, extra candidates included.
+        finished = {rid: f for rid, f in ahead[1].items() if f[0] == "length"}
+        assert ahead[2].tokens_committed == plain[2].tokens_committed >= sum(n for _, n, _ in finished.values())
+        assert (ahead[2].steps, ahead[2].rows_stepped) == (plain[2].steps, plain[2].rows_stepped)
+
+
+@pytest.fixture(scope="module")
+def fairly_confident_llada(tmp_path_factory):
+    """Peaked enough that a threshold step sometimes takes a whole block at once."""
+    return load_model(write_tiny_llada(tmp_path_factory.mktemp("llada_fairly_confident"), seed=14, head_scale=5.0))
+
+
+@pytest.mark.timeout(60)
+def test_threshold_blocks_that_end_early_drop_the_prepared_step(fairly_confident_llada):
+    """Threshold blocks that end sooner than predicted: those predictions are
+    dropped (fewer steps prepared than ran), and the tokens are still the
+    unprepared engine's."""
+    params = SamplingParams(max_tokens=16, block_length=8, threshold=0.3, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for prepare_ahead in (True, False):
+        core = EngineCore(fairly_confident_llada, kv_cache="dual", prepare_ahead=prepare_ahead)
+        core.add_request("r", prompt(6), params)
+        tokens, commits = [], []
+        while core.has_unfinished():
+            tokens += [t for out in core.step() for t in out.new_token_ids]
+            commits.append(core.stats.last_step_tokens_committed)
+        runs[prepare_ahead] = tokens, commits, core.stats
+    (tokens, commits, stats), (plain_tokens, plain_commits, _) = runs[True], runs[False]
+    assert (tokens, commits) == (plain_tokens, plain_commits) and len(tokens) == sum(commits) == 16
+    assert max(commits) > 1, commits  # some step took several cells: a block ended early
+    assert 0 < stats.steps_prepared_ahead < stats.steps - 1, (commits, stats.steps_prepared_ahead)
+
+
+@pytest.mark.timeout(60)
+def test_what_cannot_be_predicted_is_built_after_the_read(dream):
+    """Dream's own decoding in top-k mode plans each step's count from the
+    cells left (origin draws it): nothing is prepared, the step is built
+    after the read as before."""
+    params = SamplingParams(max_tokens=8, steps=4, temperature=0.0, ignore_eos=True)  # whole canvas, top-k
+    core = EngineCore(dream, prepare_ahead=True)
+    core.add_request("r", prompt(5), params)
+    while core.has_unfinished():
+        core.step()
+    assert core.stats.steps > 1 and core.stats.steps_prepared_ahead == 0
+    assert core.stats.tokens_committed == 8
