@@ -41,7 +41,8 @@ def build_layer(dtype: torch.dtype, device: str, seed: int = 0) -> MoE:
 
 def per_expert_forward(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     experts, weights = layer.router(x)
-    y = per_expert_reference(x, experts, weights, layer.w_gate, layer.w_up, layer.w_down)
+    w_gate, w_up = layer.w_gate_up.chunk(2, dim=1)
+    y = per_expert_reference(x, experts, weights, w_gate, w_up, layer.w_down)
     return y + layer.shared(x)
 
 

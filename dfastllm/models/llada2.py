@@ -165,14 +165,16 @@ class LLaDA2Model(DiffusionTransformer):
 
     def checkpoint_parameters(self) -> dict[str, torch.Tensor]:
         """The shared table, plus each routed expert's tensors as slices
-        `name[e]` of the stacked expert parameters (filled in place), and the
-        routers' expert_bias buffers."""
+        `name[e]` of the stacked expert parameters (w_gate[e] and w_up[e] the
+        row halves of w_gate_up[e]), filled in place, and the routers'
+        expert_bias buffers."""
         views = super().checkpoint_parameters()
         for prefix, module in self.named_modules():
             if isinstance(module, MoE):
-                for name in ("w_gate", "w_up", "w_down"):
-                    stacked = views.pop(f"{prefix}.{name}")
-                    views |= {f"{prefix}.{name}[{e}]": expert for e, expert in enumerate(stacked)}
+                gate_up, down = views.pop(f"{prefix}.w_gate_up"), views.pop(f"{prefix}.w_down")
+                for e in range(gate_up.shape[0]):
+                    gate, up = gate_up[e].chunk(2)
+                    views |= {f"{prefix}.w_gate[{e}]": gate, f"{prefix}.w_up[{e}]": up, f"{prefix}.w_down[{e}]": down[e]}
         return views | dict(self.named_buffers())
 
 

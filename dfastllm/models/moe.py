@@ -2,11 +2,12 @@
 -flash): an fp32 sigmoid router with group-limited top-k, routed SwiGLU
 experts and a shared SwiGLU.
 
-The experts' weights are stacked ([experts, out, in] per projection, loaded
-from the checkpoint's per-expert tensors), so a step multiplies each
-projection of every routed (token, expert) pair in ONE grouped GEMM
-(`torch._grouped_mm`: the pairs sorted by expert, one group per expert),
-with no Python loop over experts and no host synchronisation.
+The experts' weights are stacked ([experts, out, in], loaded from the
+checkpoint's per-expert tensors; gate and up in one [experts, 2 * inner, in]
+matrix, as the dense SwiGLU fuses them), so a step multiplies every routed
+(token, expert) pair in two grouped GEMMs (`torch._grouped_mm`: the pairs
+sorted by expert, one group per expert) with `silu_mul` between them, no
+Python loop over experts and no host synchronisation.
 `per_expert_reference` is the plain loop the published `moe_infer` runs,
 kept for the parity test and the benchmark.
 """
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfastllm.models.layers import SwiGLU
+from dfastllm import ops
+from dfastllm.models.layers import SwiGLU, plain_torch
+from dfastllm.ops.reference import silu_mul_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +80,9 @@ class MoE(nn.Module):
         super().__init__()
         E = c.num_experts
         self.router = Router(d_model, c)
-        self.w_gate = nn.Parameter(torch.empty(E, expert_hidden, d_model))  # [E, I, D] as nn.Linear
-        self.w_up = nn.Parameter(torch.empty(E, expert_hidden, d_model))
+        # gate|up [E, 2I, D] (rows as nn.Linear); the checkpoint's w_gate[e] and
+        # w_up[e] load into its row halves (LLaDA2Model.checkpoint_parameters).
+        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * expert_hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(E, d_model, expert_hidden))  # [E, D, I]
         # The published block builds the shared MLP as one SwiGLU n_shared experts wide.
         self.shared = SwiGLU(d_model, expert_hidden * n_shared) if n_shared else None
@@ -87,28 +91,31 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                           # [N, D]
         experts, weights = self.router(flat)
-        y = grouped_experts(flat, experts, weights, self.w_gate, self.w_up, self.w_down)
+        y = grouped_experts(flat, experts, weights, self.w_gate_up, self.w_down,
+                            plain_torch=plain_torch(x, self.w_gate_up))
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(shape)
 
 
-def grouped_experts(x, experts, weights, w_gate, w_up, w_down) -> torch.Tensor:
+def grouped_experts(x, experts, weights, w_gate_up, w_down, *, plain_torch: bool = False) -> torch.Tensor:
     """sum_k weights[n, k] * expert_{experts[n, k]}(x[n]) for every token n.
 
-    x [N, D]; experts, weights [N, K]; w_gate, w_up [E, I, D]; w_down [E, D, I].
+    x [N, D]; experts, weights [N, K]; w_gate_up [E, 2I, D] (gate rows, then
+    up); w_down [E, D, I]; plain_torch: silu_mul's reference, not the kernel.
     The N*K (token, expert) pairs are sorted by expert (stable, so a token's
     pairs keep their order within an expert), each projection is one grouped
     GEMM over the sorted rows with group boundaries at the cumulative expert
     counts, and the outputs are scattered back and summed in fp32 over k in
     the router's order, then cast to x's dtype, as the published `moe_infer`."""
     N, K = experts.shape
-    E = w_gate.shape[0]
+    E = w_gate_up.shape[0]
     pair_expert = experts.reshape(-1)                                            # [N*K]
     order = pair_expert.argsort(stable=True)
     ends = torch.bincount(pair_expert, minlength=E).cumsum(0).to(torch.int32)    # group ends [E]
     rows = x.index_select(0, order // K)                                         # [N*K, D], by expert
-    h = F.silu(_grouped_mm(rows, w_gate.transpose(1, 2), ends)) * _grouped_mm(rows, w_up.transpose(1, 2), ends)
+    silu_mul = silu_mul_reference if plain_torch else ops.silu_mul
+    h = silu_mul(_grouped_mm(rows, w_gate_up.transpose(1, 2), ends))           # [N*K, I]
     out_sorted = _grouped_mm(h, w_down.transpose(1, 2), ends)                    # [N*K, D]
     out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)         # back to (token, k) order
     return (out.view(N, K, x.shape[1]).float() * weights[..., None]).sum(1).to(x.dtype)

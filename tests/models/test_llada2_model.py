@@ -75,11 +75,12 @@ def test_grouped_experts_equal_the_per_expert_loop(dtype, n_tokens):
     weights = torch.rand(n_tokens, K, generator=gen)
     w_gate, w_up = (torch.randn(E, inner, D, generator=gen).to(dtype) / D ** 0.5 for _ in range(2))
     w_down = torch.randn(E, D, inner, generator=gen).to(dtype) / inner ** 0.5
-    got = grouped_experts(x, experts, weights, w_gate, w_up, w_down)
     expected = per_expert_reference(x, experts, weights, w_gate, w_up, w_down)
-    assert got.dtype == dtype and got.shape == (n_tokens, D)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    for plain_torch in (False, True):  # silu_mul's kernel, and its reference
+        got = grouped_experts(x, experts, weights, torch.cat([w_gate, w_up], dim=1), w_down, plain_torch=plain_torch)
+        assert got.dtype == dtype and got.shape == (n_tokens, D)
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 def test_cached_block_step_equals_full_forward(llada2_dir):
@@ -161,7 +162,7 @@ def test_bf16_checkpoint_runs_the_same_model(llada2_dir):
     positions, mask = torch.arange(12)[None], block_causal_mask(12, 4)[None, None]
     fp32 = load_model(llada2_dir).model
     bf16 = load_model(llada2_dir, dtype=torch.bfloat16).model
-    assert bf16.layers[1].mlp.w_gate.dtype == bf16.layers[1].mlp.router.expert_bias.dtype == torch.bfloat16
+    assert bf16.layers[1].mlp.w_gate_up.dtype == bf16.layers[1].mlp.router.expert_bias.dtype == torch.bfloat16
     logits = bf16.full_logits(bf16(ids, positions, mask))
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), fp32.full_logits(fp32(ids, positions, mask)), atol=0.2, rtol=0.05)
