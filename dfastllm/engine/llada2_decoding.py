@@ -48,6 +48,7 @@ threshold mode keeps "at least one", not "at least the step's share").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 
@@ -176,6 +177,27 @@ class LLaDA2Request(Request):
         """The step's share; past the schedule (a model that proposed only the
         mask token) one per step, so the block still ends."""
         return self.schedule[self.block_step] if self.block_step < len(self.schedule) else 1
+
+    def predict_next_step(self) -> LLaDA2Request | None:
+        """As `Request.predict_next_step`, by this family's rules: a 2.0 step
+        commits at least its share, so the block surely ends when the share
+        covers every masked cell, and is taken to go on otherwise; either way
+        the next step's forward starts at this block's start. With editing
+        (2.1) a block's end depends on what the step edits: None."""
+        if self.editing:
+            return None
+        ends = int((self._block_cells() == self.mask_id).sum()) <= self.commit_count()
+        if ends and self.block_end >= self.canvas_len:
+            return None
+        ahead = copy.copy(self)  # shares `generated` and the page-key chain, neither touched by a build
+        ahead.num_steps += 1
+        ahead.cached_until = self.block_start
+        if ends:
+            ahead.block, ahead.block_step = self.block + 1, 0
+        else:
+            ahead.block_step = self.block_step + 1
+        ahead.needs_full_forward = ahead.cached_until < ahead.block_start
+        return ahead
 
     def apply_step(self, positions: np.ndarray, values: np.ndarray) -> tuple[list[int], int]:
         cells = self.generated[positions - self.prompt_len]

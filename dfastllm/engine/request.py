@@ -157,14 +157,14 @@ class Request:
         its count takes the last masked cells; a threshold step takes at least
         one, and is taken to leave the block going while more are masked.
         None where the outcome decides more (the last block ends, Dream's
-        planned count, LLaDA2's rules).
+        planned count).
 
         What it cannot know is which cells the step in flight commits, so its
         candidates in the same block are the cells masked now: a superset of
         the next step's. The commit kernel only takes cells still masked on the
         device and each candidate's draw depends on its own position alone, so
         the extra candidates change no token; `apply_step` counts only new commits."""
-        if self.attention_block or (self.whole_canvas and not self.threshold):
+        if self.whole_canvas and not self.threshold:
             return None
         masked = int((self._block_cells() == self.mask_id).sum())
         ends = masked <= (1 if self.threshold else self.commit_count())

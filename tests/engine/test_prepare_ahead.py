@@ -1,5 +1,6 @@
 """Preparing the next step's inputs while the current step runs (EngineCore,
-`prepare_ahead`) changes no token: every family's schedule, every cache mode,
+`prepare_ahead`) changes no token: every family's schedule (LLaDA2's too),
+every cache mode,
 greedy, sampled and threshold decoding, with requests joining, finishing
 blocks at different steps and being cancelled between steps. A step
 prepared ahead lists as candidates the cells masked before the step in
@@ -11,7 +12,7 @@ import pytest
 from dfastllm import SamplingParams
 from dfastllm.engine import EngineCore
 from dfastllm.models import load_model
-from dfastllm.testing import write_tiny_llada
+from dfastllm.testing import write_tiny_llada, write_tiny_llada2
 
 from .conftest import prompt
 
@@ -119,3 +120,33 @@ def test_what_cannot_be_predicted_is_built_after_the_read(dream):
         core.step()
     assert core.stats.steps > 1 and core.stats.steps_prepared_ahead == 0
     assert core.stats.tokens_committed == 8
+
+
+@pytest.fixture(scope="module")
+def llada2(tmp_path_factory):
+    """A peaked head (as tests/engine/test_llada2_engine.py): cells cross the thresholds."""
+    return load_model(write_tiny_llada2(tmp_path_factory.mktemp("llada2_ahead"), seed=5, head_scale=12.0))
+
+
+@pytest.mark.timeout(120)
+def test_llada2_prepared_steps_give_the_same_tokens(llada2):
+    """The 2.0 rule (threshold with a per-step share), greedy and sampled,
+    prompts on and off a block boundary, the block cache (its forward starts
+    at the block before when one just ended), recomputed blocks (kv_cache
+    none) and prefix caching: the same tokens prepared ahead or not. 2.1's
+    editing decides a block's end by what it edits: never prepared."""
+    schedule = [SamplingParams(max_tokens=12, block_length=4, temperature=0.0, threshold=0.9),
+                SamplingParams(max_tokens=10, block_length=4, steps=2, temperature=0.8, top_k=30, seed=2,
+                               threshold=0.6),
+                SamplingParams(max_tokens=9, block_length=4, temperature=0.0, threshold=0.99)]
+    for kv_cache in ("dual", "none"):
+        ahead = _drive(llada2, schedule, kv_cache=kv_cache, prepare_ahead=True)
+        plain = _drive(llada2, schedule, kv_cache=kv_cache, prepare_ahead=False)
+        assert ahead[:2] == plain[:2], kv_cache
+        assert ahead[2].steps_prepared_ahead > 0 and ahead[2].tokens_committed == plain[2].tokens_committed
+    editing = SamplingParams(max_tokens=8, block_length=4, temperature=0.0, threshold=0.9, editing_threshold=0.5)
+    core = EngineCore(llada2, prepare_ahead=True)
+    core.add_request("r", prompt(6), editing)
+    while core.has_unfinished():
+        core.step()
+    assert core.stats.steps > 2 and core.stats.steps_prepared_ahead == 0
