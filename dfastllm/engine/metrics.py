@@ -8,10 +8,11 @@ prometheus_client picks its value store when it is first imported, so this
 module must be imported after the environment is set (the engine process
 imports it from `main`).
 
-Only what the engine alone knows is counted here: steps, tokens per step,
-queue time, load, KV pages and prefix cache hits, device memory, the circuit breaker, and the cancellations the engine decides
-itself (deadline, dead worker). Success, latency and rejections are counted
-by the HTTP workers, which see the client's view.
+Only what the engine alone knows is counted here: steps (and those
+prepared ahead), tokens per step, queue time, load, KV pages and prefix
+cache hits, device memory, the circuit breaker, and the cancellations the
+engine decides itself (deadline, dead worker). Success, latency and
+rejections are counted by the HTTP workers, which see the client's view.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class EngineMetrics:
                                    "Device memory held by the engine (process RSS on CPU)",
                                    registry=r, multiprocess_mode="livemostrecent")
         self.steps = Counter(PREFIX + "denoising_steps_total", "Denoising steps run over the batch", registry=r)
+        self.steps_prepared_ahead = Counter(PREFIX + "denoising_steps_prepared_ahead_total",
+                                            "Denoising steps launched on inputs the host prepared while the step "
+                                            "before them ran", registry=r)
         self.step_time = Histogram(PREFIX + "denoising_step_seconds", "Wall time of one denoising step",
                                    buckets=STEP_TIME_BUCKETS, registry=r)
         self.tokens_per_step = Histogram(PREFIX + "tokens_per_step",
@@ -78,8 +82,10 @@ class EngineMetrics:
         self.cancelled = Counter(PREFIX + "request_cancelled_total", "Requests cancelled before they finished",
                                  ["reason"], registry=r)
 
-    def observe_step(self, seconds: float) -> None:
+    def observe_step(self, seconds: float, prepared_ahead: bool) -> None:
         self.steps.inc()
+        if prepared_ahead:
+            self.steps_prepared_ahead.inc()
         self.step_time.observe(seconds)
 
     def observe_finished(self, num_generated_tokens: int, num_steps: int) -> None:

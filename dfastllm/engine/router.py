@@ -158,7 +158,7 @@ class RequestRouter:
     # ---- engine -> worker ---------------------------------------------------
     def step(self) -> list[Reply]:
         """One EngineCore step; -> the replies for its outputs."""
-        steps_before = self.core.stats.steps
+        steps_before, prepared_before = self.core.stats.steps, self.core.stats.steps_prepared_ahead
         started = time.perf_counter()
         outputs = self.core.step()
         failed = any(out.finish_reason == "error" for out in outputs)
@@ -166,7 +166,8 @@ class RequestRouter:
             self.circuit.step_done(failed=failed)
         if self.metrics is not None:
             if self.core.stats.steps > steps_before:
-                self.metrics.observe_step(time.perf_counter() - started)
+                self.metrics.observe_step(time.perf_counter() - started,
+                                          prepared_ahead=self.core.stats.steps_prepared_ahead > prepared_before)
             for seconds in self.core.drain_queue_times():
                 self.metrics.queue_time.observe(seconds)
         else:

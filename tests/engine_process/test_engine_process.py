@@ -187,6 +187,7 @@ def test_engine_metrics_reach_the_multiprocess_directory(engine):
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=engine.supervisor.metrics_dir)
     assert registry.get_sample_value("dfastllm:denoising_steps_total") >= 8
+    assert registry.get_sample_value("dfastllm:denoising_steps_prepared_ahead_total") >= 7  # all but the first
     assert registry.get_sample_value("dfastllm:tokens_per_step_count") >= 1
     assert registry.get_sample_value("dfastllm:request_queue_time_seconds_count") >= 1
     assert registry.get_sample_value("dfastllm:device_memory_used_bytes") > 0
