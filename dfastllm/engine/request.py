@@ -69,7 +69,10 @@ class Request:
         size = self.gen_len if self.whole_canvas else params.effective_block_length
         self.block_starts = list(range(0, self.gen_len, size))  # generation indices
         self.block_sizes = [min(size, self.gen_len - s) for s in self.block_starts]
-        self.block_steps = split_steps(params.effective_steps, self.block_sizes)
+        # Top-k mode: tokens each step of each block commits.
+        self.block_counts = [num_transfer_tokens(size, steps)
+                             for size, steps in zip(self.block_sizes, split_steps(params.effective_steps,
+                                                                                   self.block_sizes))]
         # The sampler compares in float32, where a threshold under its smallest
         # positive value would read as 0 (top-k mode with k = 0: no commit ever).
         self.threshold = max(params.threshold, FLOAT32_TINY) if params.threshold else 0.0
@@ -118,8 +121,7 @@ class Request:
         """Top-k mode: tokens to commit at this step of the block."""
         if self.whole_canvas:
             return self._planned
-        size = self.block_sizes[self.block]
-        return num_transfer_tokens(size, self.block_steps[self.block])[self.block_step]
+        return self.block_counts[self.block][self.block_step]
 
     def _plan_dream_step(self) -> None:
         """Move `block_step` to the next step of Dream's schedule that commits
