@@ -55,7 +55,7 @@ cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/dfastllm" -DCMAKE_CUDA_ARCHITECTURES="$arch" >"$OUT_DIR/cmake.log" 2>&1 \
   || { cat "$OUT_DIR/cmake.log"; exit 1; }
 grep "dfastllm:" "$OUT_DIR/cmake.log"
-cmake --build "$BUILD" --target dfastllm_C 2>&1 | tee "$OUT_DIR/build.log" | grep -iE "warning|error" ; build_rc=${PIPESTATUS[0]}
+cmake --build "$BUILD" --target dfastllm_C dfastllm_ipc 2>&1 | tee "$OUT_DIR/build.log" | grep -iE "warning|error" ; build_rc=${PIPESTATUS[0]}
 [ "$build_rc" -eq 0 ] || { tail -50 "$OUT_DIR/build.log"; exit 1; }
 "$PY" -c "import dfastllm.ops as o; assert o.BUILT_WITH_CUDA, 'no CUDA kernels in the build'; print('dfastllm._C with CUDA')" || exit 1
 
@@ -115,7 +115,7 @@ out = pathlib.Path(sys.argv[1])
 test_rc, bench_rc, engine_test_rc, engine_bench_rc = map(int, sys.argv[2:6])
 for name, rc in (("ops-tests.log", test_rc), ("engine-tests.log", engine_test_rc)):
     log = (out / name).read_text(errors="replace").strip().splitlines()
-    summary = next((l for l in reversed(log) if re.search(r"passed|failed|error", l)), "no pytest summary")
+    summary = next((l for l in reversed(log) if re.search(r"passed|failed|error|skipped", l)), "no pytest summary")
     print(f"{name.removesuffix('.log')}: {summary} (rc {rc})")
 def last_json(name):
     log = out / name
