@@ -312,5 +312,6 @@ def commit_cells(canvas, batch, tokens, confidence, mask_id: int, extra: LLaDA2S
     share = torch.maximum(n_above, extra.commit_k)
     commit = masked & (rank < share[cand_rows])
     edit = ~masked & (confidence > extra.editing_threshold[cand_rows]) & (tokens != current)
-    write = commit | edit
-    canvas[cand_rows[write], positions[write]] = tokens[write]
+    # Every candidate cell is written (its own value where nothing changes):
+    # selecting the written ones by a mask would read their count back to the host.
+    canvas[cand_rows, positions] = torch.where(commit | edit, tokens, current)

@@ -112,7 +112,9 @@ def grouped_experts(x, experts, weights, w_gate_up, w_down, *, plain_torch: bool
     E = w_gate_up.shape[0]
     pair_expert = experts.reshape(-1)                                            # [N*K]
     order = pair_expert.argsort(stable=True)
-    ends = torch.bincount(pair_expert, minlength=E).cumsum(0).to(torch.int32)    # group ends [E]
+    # Group ends [E] by a sorted search, not bincount: on CUDA bincount reads
+    # its input's max back to the host (a sync every layer, and no CUDA graph).
+    ends = torch.searchsorted(pair_expert[order], torch.arange(E, device=x.device), right=True).to(torch.int32)
     rows = x.index_select(0, order // K)                                         # [N*K, D], by expert
     silu_mul = silu_mul_reference if plain_torch else ops.silu_mul
     h = silu_mul(_grouped_mm(rows, w_gate_up.transpose(1, 2), ends))           # [N*K, I]

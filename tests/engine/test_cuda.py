@@ -8,6 +8,8 @@ the model, canvas, cache and kernels on the GPU. Skipped without one;
   attention reading the pages in place) give the eager steps' tokens on the
   same bucket-padded inputs, across batch sizes, Dream's shift and new
   buckets captured mid-run;
+* LLaDA2's cached block steps (MoE experts as grouped GEMMs) captured as
+  CUDA graphs give the eager steps' tokens;
 * steps prepared while the previous one runs (and replays) give the tokens
   of steps built after the read-back;
 * the embedded tiny-llada gives the same tokens on CUDA as on the CPU (fp32),
@@ -25,7 +27,7 @@ from dfastllm.checkpoints import DEFAULT_MODEL_DIR
 from dfastllm.engine import EngineCore
 from dfastllm.llm import LLM
 from dfastllm.models import load_model
-from dfastllm.testing import write_tiny_dream, write_tiny_llada
+from dfastllm.testing import write_tiny_dream, write_tiny_llada, write_tiny_llada2
 
 from .conftest import prompt, run_all
 from .test_continuous_batching import assert_batched_equals_alone
@@ -105,6 +107,27 @@ def test_prepared_steps_give_the_same_tokens_on_cuda(cuda_models, bf16_models, f
         plain = _drive(models[family], SCHEDULES[name], kv_cache=kv_cache, prepare_ahead=False)
         assert ahead[:2] == plain[:2], (name, kv_cache)
         assert ahead[2].steps_prepared_ahead > 0 and ahead[2].tokens_committed == plain[2].tokens_committed
+
+
+def test_llada2_cuda_graphs_give_the_eager_tokens(tmp_path):
+    """The router and the grouped experts capture (no host sync in them) and
+    replay the eager steps' tokens, 2.0 threshold rule, several requests."""
+    loaded = load_model(write_tiny_llada2(tmp_path, seed=5, head_scale=12.0), device="cuda", dtype=torch.bfloat16)
+    params = [SamplingParams(max_tokens=12, block_length=4, temperature=0.0, threshold=0.9),
+              SamplingParams(max_tokens=16, block_length=4, temperature=0.0, threshold=0.99)]
+
+    def run(replay: bool):
+        core = EngineCore(loaded, kv_cache="dual")
+        if core.graphs is None:
+            pytest.skip("this torch's varlen flash attention cannot read pages with grouped heads")
+        core.graphs.failed = not replay
+        for i in range(3):
+            core.add_request(f"r{i}", prompt(5 + 4 * i, start=40 + 30 * i), params[i % 2])
+        return {rid: tokens for rid, (tokens, _) in run_all(core).items()}, core
+
+    (eager, _), (graphed, core) = run(False), run(True)
+    assert core.graphs.captures >= 1 and not core.graphs.failed
+    assert graphed == eager
 
 
 def _chat(llm: LLM, tasks) -> list:
