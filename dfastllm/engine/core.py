@@ -21,12 +21,12 @@ One step:
      gives its canvas row and pages back at once.
 
 Host work off the critical path: once a step's kernels are queued, the
-host builds the next step's inputs for the same rows, each as it will be if
-this step leaves it in its current block (`Request.predict_next_step`), and
+host builds the next step's inputs for the same rows, each as its schedule
+says the step in flight will leave it (`Request.predict_next_step`), and
 queues their upload behind this step's work. Only the read of the committed
 cells waits for the device. If the next step turns out to be that one (no
-row left, joined, finished its block or was skipped) it launches on those
-inputs at once; else they are dropped and built again. Either way the
+row left, joined or sat out, each where its schedule said) it launches on
+those inputs at once; else they are dropped and built again. Either way the
 tokens are the same (tests/engine/test_prepare_ahead.py).
 
 A failure inside the step (out of memory, a kernel error) fails the requests
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from dfastllm.engine import llada2_decoding
-from dfastllm.engine.batch import build_step, query_extent
+from dfastllm.engine.batch import StepBatch, build_step, query_extent
 from dfastllm.engine.cuda_graphs import CachedStepGraphs, graphs_supported
 from dfastllm.engine.kv_cache import CanvasRows, PagePool, bytes_per_page, kv_pool_pages
 from dfastllm.engine.request import Request, RequestOutput
@@ -252,7 +252,7 @@ class EngineCore:
         try:
             with torch.inference_mode():
                 graphed = self.graphs is not None and not any(r.needs_full_forward for r in running)
-                if prepared is not None and prepared.fits(running):
+                if prepared is not None and prepared.fits(running, self._query_extent):
                     batch = prepared.batch
                     self.stats.steps_prepared_ahead += 1
                 else:
@@ -371,8 +371,11 @@ class EngineCore:
             outputs.append(r.output([], "abort", error="deadline exceeded"))
         return outputs
 
+    def _query_extent(self, r: Request) -> tuple[int, int]:
+        return query_extent(r, self.kv_cache, self.logits_shift)
+
     def _query_tokens(self, r: Request) -> int:
-        start, end = query_extent(r, self.kv_cache, self.logits_shift)
+        start, end = self._query_extent(r)
         return end - start
 
     def _schedule(self) -> list[RequestOutput]:
@@ -419,11 +422,13 @@ class _PreparedStep:
     """Inputs built for the next step while the current one ran."""
     requests: list[Request]  # the rows, as they were
     ahead: list[Request]  # each as its next step was predicted to find it
-    batch: object  # StepBatch
+    batch: StepBatch
 
-    def fits(self, running: list[Request]) -> bool:
+    def fits(self, running: list[Request], extent) -> bool:
         """The step about to run is the predicted one: the same rows, in the
-        same canvas rows, each one step further in the predicted block."""
+        same canvas rows, each one step further in the predicted block,
+        querying the predicted positions (extent(r) -> [start, end))."""
         return len(running) == len(self.requests) and all(
             r is p and r.slot == a.slot and r.block == a.block and r.num_steps == a.num_steps
-            and r.needs_full_forward == a.needs_full_forward for r, p, a in zip(running, self.requests, self.ahead))
+            and r.needs_full_forward == a.needs_full_forward and extent(r) == extent(a)
+            for r, p, a in zip(running, self.requests, self.ahead))
