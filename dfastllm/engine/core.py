@@ -426,9 +426,11 @@ class _PreparedStep:
 
     def fits(self, running: list[Request], extent) -> bool:
         """The step about to run is the predicted one: the same rows, in the
-        same canvas rows, each one step further in the predicted block,
-        querying the predicted positions (extent(r) -> [start, end))."""
+        same canvas rows, each one step further in the predicted block, with
+        the predicted count and querying the predicted positions (extent(r)
+        -> [start, end))."""
         return len(running) == len(self.requests) and all(
             r is p and r.slot == a.slot and r.block == a.block and r.num_steps == a.num_steps
-            and r.needs_full_forward == a.needs_full_forward and extent(r) == extent(a)
+            and r.needs_full_forward == a.needs_full_forward and r.commit_count() == a.commit_count()
+            and extent(r) == extent(a)
             for r, p, a in zip(running, self.requests, self.ahead))

@@ -123,11 +123,13 @@ class Request:
             return self._planned
         return self.block_counts[self.block][self.block_step]
 
-    def _plan_dream_step(self) -> None:
+    def _plan_dream_step(self, masked: int | None = None) -> None:
         """Move `block_step` to the next step of Dream's schedule that commits
         something (one that commits nothing changes nothing: no forward is
-        spent on it) and plan its count."""
-        masked = int((self.generated == self.mask_id).sum())
+        spent on it) and plan its count, for `masked` cells left (default:
+        those masked now)."""
+        if masked is None:
+            masked = int((self.generated == self.mask_id).sum())
         last = len(self.dream_ratios) - 1
         while masked:
             step = min(self.block_step, last)
@@ -157,16 +159,19 @@ class Request:
         """This request as its next step will find it, if the step in flight
         goes as its schedule says: in top-k mode the block ends exactly when
         its count takes the last masked cells; a threshold step takes at least
-        one, and is taken to leave the block going while more are masked.
-        None where the outcome decides more (the last block ends, Dream's
-        planned count).
+        one, and is taken to leave the block going while more are masked;
+        Dream's whole-canvas step takes exactly its planned count, so the
+        next count is planned from the cells that leaves. None where the
+        outcome decides more (the last block ends; `origin` draws its next
+        count at random).
 
         What it cannot know is which cells the step in flight commits, so its
         candidates in the same block are the cells masked now: a superset of
         the next step's. The commit kernel only takes cells still masked on the
         device and each candidate's draw depends on its own position alone, so
         the extra candidates change no token; `apply_step` counts only new commits."""
-        if self.whole_canvas and not self.threshold:
+        planned = self.whole_canvas and not self.threshold
+        if planned and self.origin_rng is not None:
             return None
         masked = int((self._block_cells() == self.mask_id).sum())
         ends = masked <= (1 if self.threshold else self.commit_count())
@@ -178,6 +183,8 @@ class Request:
             ahead.block, ahead.block_step, ahead.needs_full_forward = self.block + 1, 0, True
         else:
             ahead.block_step, ahead.needs_full_forward = self.block_step + 1, False
+            if planned:
+                ahead._plan_dream_step(masked - self._planned)
         return ahead
 
     def _block_cells(self) -> np.ndarray:

@@ -14,7 +14,7 @@ from dfastllm.engine import EngineCore
 from dfastllm.models import load_model
 from dfastllm.testing import write_tiny_llada, write_tiny_llada2
 
-from .conftest import prompt
+from .conftest import prompt, run_all
 
 # Blocks of 4 and 3 tokens end at different steps; one request's steps are
 # uneven (2 per block of 3: counts 2, 1), one commits a block per step.
@@ -109,17 +109,27 @@ def test_threshold_blocks_that_end_early_drop_the_prepared_step(fairly_confident
 
 
 @pytest.mark.timeout(60)
-def test_what_cannot_be_predicted_is_built_after_the_read(dream):
-    """Dream's own decoding in top-k mode plans each step's count from the
-    cells left (origin draws it): nothing is prepared, the step is built
-    after the read as before."""
-    params = SamplingParams(max_tokens=8, steps=4, temperature=0.0, ignore_eos=True)  # whole canvas, top-k
-    core = EngineCore(dream, prepare_ahead=True)
-    core.add_request("r", prompt(5), params)
-    while core.has_unfinished():
-        core.step()
-    assert core.stats.steps > 1 and core.stats.steps_prepared_ahead == 0
-    assert core.stats.tokens_committed == 8
+@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "topk_margin", "origin"])
+def test_dream_whole_canvas_top_k(dream, alg):
+    """Dream's own decoding in top-k mode takes exactly the count it planned,
+    so the next count is planned ahead from the cells that leaves (Dream's
+    schedule skips steps that would commit none); `origin` draws its count at
+    random after the read, so its steps are built then."""
+    params = SamplingParams(max_tokens=12, steps=9, temperature=0.5, seed=7, alg=alg, alg_temp=0.3 if alg == "entropy"
+                            else None, ignore_eos=True)  # whole canvas, top-k
+    runs = {}
+    for prepare_ahead in (True, False):
+        core = EngineCore(dream, prepare_ahead=prepare_ahead)
+        for i in range(2):
+            core.add_request(f"r{i}", prompt(5 + 3 * i, start=30 + 50 * i), params)
+        runs[prepare_ahead] = run_all(core), core.stats
+    (ahead, stats), (plain, plain_stats) = runs[True], runs[False]
+    assert {r: t for r, (t, _) in ahead.items()} == {r: t for r, (t, _) in plain.items()}
+    assert stats.steps == plain_stats.steps > 2 and stats.tokens_committed == 24
+    if alg == "origin":
+        assert stats.steps_prepared_ahead == 0
+    else:
+        assert stats.steps_prepared_ahead == stats.steps - 1  # all but the first
 
 
 @pytest.fixture(scope="module")
