@@ -161,9 +161,9 @@ class Request:
         its count takes the last masked cells; a threshold step takes at least
         one, and is taken to leave the block going while more are masked;
         Dream's whole-canvas step takes exactly its planned count, so the
-        next count is planned from the cells that leaves. None where the
-        outcome decides more (the last block ends; `origin` draws its next
-        count at random).
+        next count is planned from the cells that leaves (`origin` draws it
+        from a copy of its generator, which the request then draws the same
+        from). None when the last block surely ends.
 
         What it cannot know is which cells the step in flight commits, so its
         candidates in the same block are the cells masked now: a superset of
@@ -171,8 +171,6 @@ class Request:
         device and each candidate's draw depends on its own position alone, so
         the extra candidates change no token; `apply_step` counts only new commits."""
         planned = self.whole_canvas and not self.threshold
-        if planned and self.origin_rng is not None:
-            return None
         masked = int((self._block_cells() == self.mask_id).sum())
         ends = masked <= (1 if self.threshold else self.commit_count())
         if ends and self.block + 1 == len(self.block_starts):
@@ -184,6 +182,8 @@ class Request:
         else:
             ahead.block_step, ahead.needs_full_forward = self.block_step + 1, False
             if planned:
+                if self.origin_rng is not None:
+                    ahead.origin_rng = copy.deepcopy(self.origin_rng)
                 ahead._plan_dream_step(masked - self._planned)
         return ahead
 
