@@ -179,14 +179,17 @@ class LLaDA2Request(Request):
         return self.schedule[self.block_step] if self.block_step < len(self.schedule) else 1
 
     def predict_next_step(self) -> LLaDA2Request | None:
-        """As `Request.predict_next_step`, by this family's rules: a 2.0 step
+        """As `Request.predict_next_step`, by this family's rules: a step
         commits at least its share, so the block surely ends when the share
-        covers every masked cell, and is taken to go on otherwise; either way
-        the next step's forward starts at this block's start. With editing
-        (2.1) a block's end depends on what the step edits: None."""
-        if self.editing:
+        covers every masked cell (2.0), and is taken to go on otherwise; with
+        editing (2.1) a block whose masks are going goes on into its post
+        steps while any are allowed. Either way the next step's forward
+        starts at this block's start. None in a post step (whether the block
+        ends depends on what the step edits) and when the last block ends."""
+        masked = int((self._block_cells() == self.mask_id).sum())
+        if self.editing and not masked:
             return None
-        ends = int((self._block_cells() == self.mask_id).sum()) <= self.commit_count()
+        ends = masked <= self.commit_count() and (not self.editing or self.max_post_steps < 1)
         if ends and self.block_end >= self.canvas_len:
             return None
         ahead = copy.copy(self)  # shares `generated` and the page-key chain, neither touched by a build

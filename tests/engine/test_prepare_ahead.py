@@ -140,8 +140,7 @@ def test_llada2_prepared_steps_give_the_same_tokens(llada2):
     """The 2.0 rule (threshold with a per-step share), greedy and sampled,
     prompts on and off a block boundary, the block cache (its forward starts
     at the block before when one just ended), recomputed blocks (kv_cache
-    none) and prefix caching: the same tokens prepared ahead or not. 2.1's
-    editing decides a block's end by what it edits: never prepared."""
+    none) and prefix caching: the same tokens prepared ahead or not."""
     schedule = [SamplingParams(max_tokens=12, block_length=4, temperature=0.0, threshold=0.9),
                 SamplingParams(max_tokens=10, block_length=4, steps=2, temperature=0.8, top_k=30, seed=2,
                                threshold=0.6),
@@ -151,9 +150,23 @@ def test_llada2_prepared_steps_give_the_same_tokens(llada2):
         plain = _drive(llada2, schedule, kv_cache=kv_cache, prepare_ahead=False)
         assert ahead[:2] == plain[:2], kv_cache
         assert ahead[2].steps_prepared_ahead > 0 and ahead[2].tokens_committed == plain[2].tokens_committed
-    editing = SamplingParams(max_tokens=8, block_length=4, temperature=0.0, threshold=0.9, editing_threshold=0.5)
-    core = EngineCore(llada2, prepare_ahead=True)
-    core.add_request("r", prompt(6), editing)
-    while core.has_unfinished():
-        core.step()
-    assert core.stats.steps > 2 and core.stats.steps_prepared_ahead == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("max_post_steps", [0, 3])
+def test_llada2_editing_prepared_steps_give_the_same_tokens(llada2, max_post_steps):
+    """2.1's editing: the mask phase is prepared (the block goes on into its
+    post steps, or ends when the last mask goes and none are allowed); a
+    post step's end depends on what it edits, so the step after it is built
+    after the read."""
+    params = SamplingParams(max_tokens=12, block_length=4, temperature=0.0, threshold=0.9, editing_threshold=0.5,
+                            max_post_steps=max_post_steps)
+    runs = {}
+    for prepare_ahead in (True, False):
+        core = EngineCore(llada2, prepare_ahead=prepare_ahead)
+        for i in range(2):
+            core.add_request(f"r{i}", prompt(6 + 3 * i, start=40 + 20 * i), params)
+        runs[prepare_ahead] = {r: (t, o.finish_reason) for r, (t, o) in run_all(core).items()}, core.stats
+    (ahead, stats), (plain, plain_stats) = runs[True], runs[False]
+    assert ahead == plain and stats.steps == plain_stats.steps > 3
+    assert 0 < stats.steps_prepared_ahead < stats.steps - 1
