@@ -8,10 +8,11 @@
 #   2. runs tests/ops (CUDA cases included; they fail, not skip, if the
 #      extension lacks CUDA) and tests/engine/test_cuda.py (the engine, CUDA
 #      graphs, steps prepared ahead and the embedded model on the GPU);
-#   3. the engine benchmark on the 8B LLaDA shape (random weights, context
-#      416, block 32, batch 1 and 8): cached steps replayed as CUDA graphs
-#      with the next step prepared ahead and without, beside a plain-PyTorch
-#      baseline step and the weight-read floor; then fp8 weights at batch 1;
+#   3. the engine benchmark on the 8B LLaDA shape (random weights, kv_cache
+#      dual, context 416, block 32, batch 1 and 8): cached steps replayed as
+#      CUDA graphs with the next step prepared ahead and without, beside a
+#      plain-PyTorch baseline step and the weight-read floor; then fp8
+#      weights at batch 1;
 #      the kernel benchmark on CUDA (and a quick CPU case); then staggered
 #      against together arrivals on that shape (kv_cache dual, 384-token
 #      prompts, 128 new tokens, block 32) with 8 and 32 requests;
@@ -88,7 +89,7 @@ bench() {  # bench LOG SECONDS MIN_SECONDS ARGS...
 if [ "${1:-}" != "--no-engine-bench" ]; then
   say "engine benchmark (8B LLaDA shape): graphed cached steps prepared ahead and not, baseline, floor"
   bench bench-engine.log 200 60 "$PY" benchmarks/engine.py --shape llada-8b --prompt-len 160 --max-tokens 256 \
-    --cuda-graphs on --prepare-ahead off on --baseline --json
+    --kv-cache dual --cuda-graphs on --prepare-ahead off on --baseline --json
   say "engine benchmark (8B LLaDA shape, fp8 weights, batch 1)"
   bench bench-engine-fp8.log 120 40 "$PY" benchmarks/engine.py --shape llada-8b --prompt-len 160 --max-tokens 256 \
     --quantization fp8 --kv-cache dual --batch-sizes 1 --json
