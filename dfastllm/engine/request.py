@@ -118,7 +118,11 @@ class Request:
         return np.flatnonzero(self._block_cells() == self.mask_id) + self.block_start
 
     def commit_count(self) -> int:
-        """Top-k mode: tokens to commit at this step of the block."""
+        """Top-k mode: tokens to commit at this step of the block; 0 in
+        threshold mode (the threshold decides, and a block may take more
+        steps than `steps` gave it)."""
+        if self.threshold:
+            return 0
         if self.whole_canvas:
             return self._planned
         return self.block_counts[self.block][self.block_step]

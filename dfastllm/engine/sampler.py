@@ -146,7 +146,7 @@ class SamplingPlan:
         self.row_offsets = np.concatenate([[0], np.cumsum(per_canvas_row(counts, np.int64))])
         seeds = per_cand([r.seed for r in requests], np.int64)
         rng_offset = per_cand([r.num_steps for r in requests], np.int64) * lengths[rows] + cand_pos
-        commit_k = per_canvas_row([0 if r.threshold > 0 else r.commit_count() for r in requests], np.int64)
+        commit_k = per_canvas_row([r.commit_count() for r in requests], np.int64)
         top_p = per_cand([r.params.top_p for r in requests], np.float32)
         top_k = per_cand([r.params.top_k or 0 for r in requests], np.int64)
         filter_rows = np.flatnonzero((top_p < 1.0) | (top_k > 0))

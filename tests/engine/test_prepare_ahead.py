@@ -29,7 +29,9 @@ SCHEDULES = {
                 SamplingParams(max_tokens=8, block_length=4, steps=4, temperature=1.0, seed=5, ignore_eos=True)],
     # Threshold steps take as many cells as pass it: the engine predicts the
     # block goes on, and drops what it prepared when the block ends sooner.
-    "threshold": [SamplingParams(max_tokens=12, block_length=4, threshold=0.05, temperature=0.0, ignore_eos=True),
+    # The first: fewer steps than a block has tokens, which a threshold block may outlast.
+    "threshold": [SamplingParams(max_tokens=12, block_length=4, steps=3, threshold=0.05, temperature=0.0,
+                                 ignore_eos=True),
                   SamplingParams(max_tokens=9, block_length=3, threshold=0.5, temperature=0.0, ignore_eos=True),
                   SamplingParams(max_tokens=8, block_length=8, threshold=0.2, temperature=0.6, seed=9,
                                  ignore_eos=True),
