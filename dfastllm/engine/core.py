@@ -152,7 +152,8 @@ class EngineCore:
         self.scheduler = Scheduler(max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
                                    canvas=self.canvas, pool=self.pool, query_tokens=self._query_tokens,
                                    prefix_caching=self.prefix_caching)
-        self.graphs = (CachedStepGraphs(self.model, self.pool.cache, max_pages=-(-self.max_model_len // self.pool.page_size),
+        self.graphs = (CachedStepGraphs(self.model, self.pool.cache,
+                                        max_pages=-(-self.max_model_len // self.pool.page_size),
                                         max_seqlen_k=self.max_model_len)
                        if cuda_graphs and kv_cache != "none" and graphs_supported(weight.dtype, self.device,
                                                                                       config, self.pool.page_size)
@@ -267,8 +268,8 @@ class EngineCore:
                 if self.llada2_defaults is None:
                     cells = sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas, self.mask_id)
                 else:
-                    extra = llada2_decoding.step_inputs(running, np.diff(batch.host_offsets), self.canvas.canvas.shape[0],
-                                                        self.device)
+                    extra = llada2_decoding.step_inputs(running, np.diff(batch.host_offsets),
+                                                        self.canvas.canvas.shape[0], self.device)
                     cells = llada2_decoding.sample_and_commit(self.model.head, hidden, batch, self.canvas.canvas,
                                                               self.mask_id, extra)
                 reading = _start_read(cells)  # queued before the next step's inputs, so they don't delay it

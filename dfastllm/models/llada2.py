@@ -129,7 +129,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)  # [N, H|Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]                           # per head, over head_dim
-        c, s = (torch.cat([t, t], dim=-1)[:, None].to(q.dtype) for t in (cos, sin))  # [N, 1, rope_dim], once for q and k
+        c, s = (torch.cat([t, t], dim=-1)[:, None].to(q.dtype) for t in (cos, sin))  # [N, 1, rope_dim], for q and k
         q, k = apply_partial_rope(q, c, s), apply_partial_rope(k, c, s)
         y = attention.attend_rotated(layer, q, k, v)                              # [N, H, D]
         return self.wo(y.reshape(N, -1))
@@ -174,7 +174,8 @@ class LLaDA2Model(DiffusionTransformer):
                 gate_up, down = views.pop(f"{prefix}.w_gate_up"), views.pop(f"{prefix}.w_down")
                 for e in range(gate_up.shape[0]):
                     gate, up = gate_up[e].chunk(2)
-                    views |= {f"{prefix}.w_gate[{e}]": gate, f"{prefix}.w_up[{e}]": up, f"{prefix}.w_down[{e}]": down[e]}
+                    views |= {f"{prefix}.w_gate[{e}]": gate, f"{prefix}.w_up[{e}]": up,
+                              f"{prefix}.w_down[{e}]": down[e]}
         return views | dict(self.named_buffers())
 
 
