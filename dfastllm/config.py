@@ -39,7 +39,8 @@ class ServerConfig:
     dtype: str = _field("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32",
                         choices=("auto", "bfloat16", "float16", "float32"))
     quantization: str = _field("none", "weights of the transformer blocks' projections: none (in dtype) or fp8 "
-                               "(e4m3, a scale per output channel, torch._scaled_mm; LLaDA and Dream; refused where it cannot run)",
+                               "(e4m3, a scale per output channel, torch._scaled_mm; LLaDA and Dream; refused "
+                               "where it cannot run)",
                                choices=("none", "fp8"))
     kv_cache: str = _field("auto", "KV cache mode: none (exact reference), prefix or dual; auto: the family's "
                            "default (dual for LLaDA2, where it is exact; none for LLaDA and Dream)",

@@ -142,16 +142,17 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     sampling = SamplingPlan(requests, counts, cand_pos, lengths, slots=slots, canvas_rows=canvas_rows)
 
     cu_k = np.concatenate([[0], np.cumsum(seqlens_k)])
-    ints = [canvas_index, token_pos, slot_mapping, cu_attn, cu_k, seqlens_k, table.ravel(), hidden_index, slots[cand_req],
-            cand_pos, sampling.row_offsets]
-    int_parts = _upload(ints + sampling.ints, np.int64, device)
-    float_parts = _upload(sampling.floats, np.float32, device)
+    ints = [canvas_index, token_pos, slot_mapping, cu_attn, cu_k, seqlens_k, table.ravel(), hidden_index,
+            slots[cand_req], cand_pos, sampling.row_offsets]
+    int_parts = upload_arrays(ints + sampling.ints, np.int64, device)
+    float_parts = upload_arrays(sampling.floats, np.float32, device)
     (canvas_index_t, positions_t, slot_mapping_t, cu_q_t, cu_k_t, seqlens_k_t, table_t, hidden_index_t, cand_rows_t,
      cand_pos_t, offsets_t) = int_parts[:len(ints)]
 
     attn = AttentionMetadata(
-        cu_seqlens_q=cu_q_t.to(torch.int32), cu_seqlens_k=cu_k_t.to(torch.int32), seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q,
-        max_seqlen_k=max_k, block_tables=table_t.view(table.shape).to(torch.int32) if cached else None,
+        cu_seqlens_q=cu_q_t.to(torch.int32), cu_seqlens_k=cu_k_t.to(torch.int32),
+        seqlens_k=seqlens_k_t.to(torch.int32), max_seqlen_q=max_q, max_seqlen_k=max_k,
+        block_tables=table_t.view(table.shape).to(torch.int32) if cached else None,
         slot_mapping=slot_mapping_t, page_size=page_size,
         host_seqlens_q=attn_q_len.tolist(), host_seqlens_k=seqlens_k[:n_attn].tolist(), host_pages=pages)
     return StepBatch(
@@ -164,7 +165,7 @@ def build_step(requests: list[Request], canvas: torch.Tensor, *, cache_mode: str
     )
 
 
-def _upload(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch.Tensor]:
+def upload_arrays(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch.Tensor]:
     """One host-to-device copy for many small arrays; -> device views, one per array."""
     sizes = [a.size for a in arrays]
     packed = torch.from_numpy(np.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays]))

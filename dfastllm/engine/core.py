@@ -359,9 +359,12 @@ class EngineCore:
         """The next step's inputs if every row of this one steps again as its
         schedule says (queued behind this step's kernels, which commit the
         tokens they read); None when some row's next step is not known yet."""
-        ahead = [r.predict_next_step() for r in running]
-        if any(a is None for a in ahead):
-            return None
+        ahead = []
+        for r in running:
+            a = r.predict_next_step()
+            if a is None:  # one unknown row: no prepared step (no copies of the rest)
+                return None
+            ahead.append(a)
         graphed = self.graphs is not None and not any(a.needs_full_forward for a in ahead)
         return _PreparedStep(running, ahead, self._build(ahead, graphed))
 

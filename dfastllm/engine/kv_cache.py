@@ -11,7 +11,7 @@
 
 Prefix caching (LLaDA2, whose finished blocks' K/V are exact): a page whose
 K/V is final is registered under a key, a hash of the tokens it depends on
-(`LLaDA2Request.page_keys`). A later request whose prompt gives the same
+(`LLaDA2Request.prompt_page_keys`, `final_pages`). A later request whose prompt gives the same
 keys takes those pages as they are, copy-free: pages are counted by
 reference, and one goes back only when no request holds it. An unreferenced
 page with a key stays in an LRU (at most `max_cached_pages`) to serve later

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from dfastllm import ops
-from dfastllm.engine.batch import _upload
+from dfastllm.engine.batch import upload_arrays
 from dfastllm.engine.request import Request
 from dfastllm.engine.sampler import num_transfer_tokens
 from dfastllm.sampling_params import DEFAULT_BLOCK_LENGTH, SamplingParams
@@ -252,7 +252,7 @@ def step_inputs(requests: list[LLaDA2Request], counts: list[int], canvas_rows: i
     editing[slots] = [r.editing_threshold if r.editing else np.inf for r in requests]
     top_k = np.repeat(np.array([r.params.top_k or 0 for r in requests], dtype=np.float32), counts)
     top_p = np.repeat(np.array([r.params.top_p for r in requests], dtype=np.float32), counts)
-    commit_k_t, editing_t, top_k_t, top_p_t = _upload([commit_k, editing, top_k, top_p], np.float32, device)
+    commit_k_t, editing_t, top_k_t, top_p_t = upload_arrays([commit_k, editing, top_k, top_p], np.float32, device)
     return LLaDA2Step(commit_k=commit_k_t.long(), editing_threshold=editing_t,
                       top_k=top_k_t.long() if (top_k > 0).any() else None,
                       top_p=top_p_t if (top_p < 1.0).any() else None)

@@ -42,9 +42,7 @@ class DreamConfig(HFConfigNames):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+        self.check_kv_heads()
         self.head_dim = self.hidden_size // self.num_attention_heads
 
     @property

@@ -70,6 +70,12 @@ class HFConfigNames:
     def max_seq_len(self) -> int:
         return self.max_position_embeddings
 
+    def check_kv_heads(self) -> None:
+        """Grouped-query attention needs the query heads to split evenly over the K/V heads."""
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
 
 class RMSNorm(nn.Module):
     """Normalises in fp32 and multiplies by the weight after casting back, as
@@ -120,12 +126,15 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, qkv_bias: bool, rope_in_fp32: bool):
+    """Pre-norm attention and MLP; `attn(h, cos, sin, attention, layer)` and
+    `mlp(h)` are the family's (LLaDA2 brings its own attention and MoE)."""
+
+    def __init__(self, config, attn: nn.Module, mlp: nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.attn = Attention(config, qkv_bias, rope_in_fp32)
+        self.attn = attn
         self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        self.mlp = mlp
 
     def forward(self, x, residual, cos, sin, attention, layer: int):
         """x: the block before's MLP output, not yet added to the residual
@@ -153,7 +162,8 @@ class DiffusionTransformer(nn.Module):
 
     def block(self, config, i: int) -> nn.Module:
         """Layer i (a family whose layers differ builds its own)."""
-        return Block(config, self.qkv_bias, self.rope_in_fp32)
+        return Block(config, Attention(config, self.qkv_bias, self.rope_in_fp32),
+                     SwiGLU(config.d_model, config.mlp_hidden))
 
     @property
     def rope_dims(self) -> int:

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from dfastllm.models.layers import DiffusionTransformer, HFConfigNames, RMSNorm, SwiGLU
+from dfastllm.models.layers import Block, DiffusionTransformer, HFConfigNames, RMSNorm, SwiGLU
 from dfastllm.models.moe import MoE, RouterConfig
 
 # The released tokenizer's ids, which the published generate() hard-codes;
@@ -65,9 +65,7 @@ class LLaDA2Config(HFConfigNames):
     first_k_dense_replace: int = 0
 
     def __post_init__(self):
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+        self.check_kv_heads()
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.rope_dim = int(self.head_dim * self.partial_rotary_factor)
         if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
@@ -135,29 +133,15 @@ class Attention(nn.Module):
         return self.wo(y.reshape(N, -1))
 
 
-class Block(nn.Module):
-    def __init__(self, c: LLaDA2Config, i: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
-        self.attn = Attention(c)
-        self.mlp_norm = RMSNorm(c.d_model, c.rms_norm_eps)
-        self.mlp = (MoE(c.d_model, c.moe_intermediate_size, c.num_shared_experts, c.router) if c.is_moe_layer(i)
-                    else SwiGLU(c.d_model, c.intermediate_size))
-
-    def forward(self, x, residual, cos, sin, attention, layer: int):
-        """As `layers.Block`: each residual add fused into the norm after it."""
-        h, residual = self.attn_norm(x, residual)
-        h, residual = self.mlp_norm(self.attn(h, cos, sin, attention, layer), residual)
-        return self.mlp(h), residual
-
-
 class LLaDA2Model(DiffusionTransformer):
     """The shared stack's forward, head and loading with LLaDA2's own layers."""
 
     logits_shift = 0  # logits of position i come from hidden state i
 
-    def block(self, config: LLaDA2Config, i: int) -> nn.Module:
-        return Block(config, i)
+    def block(self, c: LLaDA2Config, i: int) -> nn.Module:
+        mlp = (MoE(c.d_model, c.moe_intermediate_size, c.num_shared_experts, c.router) if c.is_moe_layer(i)
+               else SwiGLU(c.d_model, c.intermediate_size))
+        return Block(c, Attention(c), mlp)
 
     @property
     def rope_dims(self) -> int:
